@@ -1,0 +1,1 @@
+"""Lightning callbacks: thin glue around the math core."""

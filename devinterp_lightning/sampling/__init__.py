@@ -1,0 +1,1 @@
+"""SGLD sampling of the localized, tempered posterior and LLC estimation. No Lightning import."""

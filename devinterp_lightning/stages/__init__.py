@@ -1,0 +1,1 @@
+"""Changepoints, turning points and stages of scalar series. No Lightning import."""
