@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from devinterp_lightning.schedule import EveryNSteps, ExplicitSteps, LogSpaced, as_schedule
+
+
+def test_every_n_steps_due_and_next():
+    s = EveryNSteps(5)
+    assert s.due_steps(20) == [0, 5, 10, 15, 20]
+    assert [s.is_due(i) for i in range(7)] == [True, False, False, False, False, True, False]
+    assert s.next_due(6) == 10
+    s = EveryNSteps(4, start=3)
+    assert s.due_steps(12) == [3, 7, 11]
+    assert not s.is_due(0)
+
+
+def test_log_spaced_is_geometric_and_dense_early():
+    s = LogSpaced(start=10, per_decade=5)
+    assert s.due_steps(1000) == [0, 10, 16, 25, 40, 63, 100, 158, 251, 398, 631, 1000]
+    # cost grows like log(steps): 5 more per decade
+    assert len(s.due_steps(10_000)) == len(s.due_steps(1000)) + 5
+    for step in s.due_steps(1000):
+        assert s.is_due(step)
+    assert not s.is_due(11)
+
+
+def test_log_spaced_small_start_dedupes_after_rounding():
+    steps = LogSpaced(start=1, per_decade=10, include_zero=False).due_steps(30)
+    assert steps == sorted(set(steps))
+    assert steps[:5] == [1, 2, 3, 4, 5]
+
+
+def test_log_spaced_max_interval_caps_gap():
+    s = LogSpaced(start=10, per_decade=4, max_interval=100)
+    steps = s.due_steps(1000)
+    gaps = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+    assert max(gaps) <= 100
+    assert steps[-1] == 1000 or 1000 - steps[-1] < 100
+    # early part is still geometric
+    assert steps[:4] == [0, 10, 18, 32]
+
+
+def test_explicit_steps():
+    s = as_schedule([30, 0, 10, 10])
+    assert isinstance(s, ExplicitSteps)
+    assert s.due_steps(100) == [0, 10, 30]
+    assert s.next_due(11) == 30
+    assert s.next_due(31) is None
+
+
+def test_as_schedule_forms():
+    assert isinstance(as_schedule(7), EveryNSteps)
+    log = LogSpaced()
+    assert as_schedule(log) is log
+    with pytest.raises(TypeError, match="schedule must be"):
+        as_schedule("often")
+    with pytest.raises(ValueError, match="positive integer"):
+        as_schedule(0)
+    with pytest.raises(ValueError, match="empty"):
+        as_schedule([])
+
+
+def test_validate_rejects_schedules_beyond_the_run():
+    with pytest.raises(ValueError, match="no step in 1..50.*raise max_steps"):
+        EveryNSteps(100).validate(50)
+    EveryNSteps(100).validate(100)
+    EveryNSteps(100).validate(math.inf)
+    with pytest.raises(ValueError, match=r"\[80, 120\] are beyond the 60"):
+        ExplicitSteps([10, 80, 120]).validate(60)
+    with pytest.raises(ValueError, match="no step in 1..5"):
+        LogSpaced(start=10).validate(5)
