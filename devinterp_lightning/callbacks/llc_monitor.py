@@ -1,0 +1,525 @@
+"""``LLCMonitor``: estimate the local learning coefficient on a schedule while a model trains.
+
+The callback is glue: it decides *when* (a :mod:`devinterp_lightning.schedule`), snapshots the
+weights, calls :func:`~devinterp_lightning.sampling.estimator.estimate_llcs` once per due step
+for the unrestricted estimate and every restriction, merges chains across DDP ranks, and hands
+the numbers to the trainer's loggers, ``trainer.callback_metrics`` and ``monitor.history``.
+See docs/monitor.md for every parameter, the metric names and the overhead figures.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from devinterp_lightning.sampling.estimator import _resolve_restriction, estimate_llcs
+from devinterp_lightning.sampling.result import LLCResult, summarize_chains
+from devinterp_lightning.schedule import LogSpaced, Schedule, as_schedule
+from devinterp_lightning.series import SeriesPoint, SeriesStore
+
+__all__ = ["LLCMonitor", "resolve_dotted"]
+
+log = logging.getLogger("devinterp_lightning")
+
+#: Strategies whose parameters are sharded across ranks; sampling needs the full weights.
+_SHARDED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
+
+
+def resolve_dotted(path: str) -> Any:
+    """Import ``"package.module.attribute"`` (attributes may be nested: ``"mod.Class.method"``)."""
+    if not isinstance(path, str) or "." not in path:
+        raise ValueError(f"expected a dotted import path such as 'examples.configs.losses.mse'; got {path!r}")
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError as err:
+            # only "this prefix is not a module" means try a shorter prefix; a module that fails
+            # to import one of *its* dependencies must surface
+            if err.name is None or not ".".join(parts[:cut]).startswith(err.name):
+                raise
+            continue
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            raise ValueError(
+                f"cannot resolve {path!r}: module {'.'.join(parts[:cut])!r} has no attribute path "
+                f"{'.'.join(parts[cut:])!r}. Check the spelling of the import path."
+            ) from None
+        return obj
+    raise ValueError(
+        f"cannot resolve {path!r}: no prefix of it is an importable module. Check that the package is "
+        "installed or on PYTHONPATH (run from the repository root for 'examples.*' paths)."
+    )
+
+
+def _derive_seed(seed: int, step: int, rank: int) -> int:
+    """The sampler seed for an estimate at ``step`` on ``rank``: distinct per step and per rank.
+
+    A fixed odd-multiplier mix, so the same (seed, step, rank) always gives the same chains.
+    """
+    mixed = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB) % (1 << 63)
+    return mixed
+
+
+@contextmanager
+def _forked_host_rng() -> Any:
+    """Run a block without consuming the global torch (CPU), Python or NumPy RNG."""
+    py_state = random.getstate()
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        np, np_state = None, None
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            if np is not None:
+                np.random.set_state(np_state)
+
+
+class _Progress:
+    """Throttled ``progress(done, total)`` sink: the TQDM bar's postfix, else a console line every ~10 s."""
+
+    def __init__(self, trainer: pl.Trainer, step: int, interval_s: float = 10.0) -> None:
+        self.trainer = trainer
+        self.step = step
+        self.interval_s = interval_s
+        self.start = time.monotonic()
+        self.last_report = self.start
+        self.last: tuple[int, int] | None = None
+        bar = getattr(trainer, "progress_bar_callback", None)
+        self.bar = getattr(bar, "train_progress_bar", None) if bar is not None and trainer.is_global_zero else None
+
+    def __call__(self, done: int, total: int) -> None:
+        self.last = (done, total)
+        now = time.monotonic()
+        if done < total and now - self.last_report < (0.2 if self.bar is not None else self.interval_s):
+            return
+        self.last_report = now
+        pct = 100.0 * done / max(total, 1)
+        if self.bar is not None and hasattr(self.bar, "set_postfix_str"):
+            try:
+                self.bar.set_postfix_str(f"LLC@{self.step} {pct:.0f}%", refresh=True)
+            except Exception:  # a closed or foreign bar must never break training
+                self.bar = None
+        elif done < total:
+            rank_zero_info(
+                f"LLCMonitor: step {self.step}: sampling {pct:.0f}% ({done}/{total} SGLD steps, "
+                f"{now - self.start:.0f} s)"
+            )
+
+
+class LLCMonitor(Callback):
+    """Estimate the LLC of the model on a schedule during ``trainer.fit``.
+
+    Metric names (``prefix`` defaults to ``"llc"``), logged at the trainer's global step:
+
+    - ``llc/mean``, ``llc/std``: all weights on ``data``.
+    - ``llc/<w>/mean``, ``llc/<w>/std``: weight restriction ``w`` (in ``restrictions``) on ``data``.
+    - ``llc/<d>/mean``, ``llc/<d>/std``: all weights on the data restriction ``d`` (in ``datasets``).
+    - ``llc/<w>@<d>/mean``, ``llc/<w>@<d>/std``: the cross product, only when ``cross=True``.
+
+    ``mean`` is the mean LLC over chains, ``std`` the standard deviation across chains (its
+    standard error, ``std / sqrt(chains)``, and the health flags are in :attr:`history`).
+
+    Args:
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss over the batch, or a dotted import
+            path to such a function (resolved at init). ``model`` is the LightningModule.
+        data: the batches to sample on: any re-iterable of batches (a DataLoader, a list), a dotted
+            path to one or to a zero-argument callable returning one (called at setup), or None:
+            the first ``num_data_batches`` batches of the trainer's train dataloader, cached when
+            training starts without consuming the global RNG.
+        every_n_steps: when to estimate, in optimizer steps (``trainer.global_step``): an ``int``
+            ``n`` (steps 0, n, 2n, ...), a list of steps, or a :class:`~devinterp_lightning.schedule.Schedule`.
+            None: ``LogSpaced(start=10, per_decade=10)`` (0, 10, 13, 16, 20, 25, ... dense early).
+        restrictions: ``{name: glob or list of globs}`` over ``named_parameters()`` names
+            (``fnmatch.fnmatchcase``; ``*`` also matches dots), or ``{name: {param: bool mask}}``.
+        datasets: ``{name: loader or dotted path}``: data restrictions, each on all weights.
+        cross: also estimate every (weight restriction, data restriction) pair as ``"<w>@<d>"``.
+        lr, localization, nbeta, num_chains, num_draws, num_burnin_steps, num_steps_bw_draws: the
+            SGLD settings of :func:`~devinterp_lightning.sampling.estimator.estimate_llc`.
+        seed: base seed; the estimate at step ``t`` on rank ``r`` uses ``_derive_seed(seed, t, r)``.
+        num_data_batches: how many train batches to cache when ``data`` is None.
+        background: sample in a worker thread on a copy of the weights while training continues.
+            The results are identical to ``background=False``; they are logged at the step they
+            were snapshotted, and enter ``callback_metrics`` and ``history`` at the next due step
+            (or at a checkpoint, or when training ends).
+        progress: report sampling progress in the progress bar (or the console every ~10 s).
+        prefix: first component of every metric name.
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[..., Tensor] | str,
+        data: Iterable[Any] | str | None = None,
+        every_n_steps: int | list[int] | Schedule | None = None,
+        restrictions: Mapping[str, str | list[str] | Mapping[str, Tensor]] | None = None,
+        datasets: Mapping[str, Any] | None = None,
+        cross: bool = False,
+        lr: float = 1e-4,
+        localization: float = 100.0,
+        nbeta: float | None = None,
+        num_chains: int = 4,
+        num_draws: int = 200,
+        num_burnin_steps: int = 50,
+        num_steps_bw_draws: int = 1,
+        seed: int = 0,
+        num_data_batches: int = 16,
+        background: bool = False,
+        progress: bool = True,
+        prefix: str = "llc",
+    ) -> None:
+        self.loss_fn = resolve_dotted(loss_fn) if isinstance(loss_fn, str) else loss_fn
+        if not callable(self.loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) -> scalar; got {self.loss_fn!r}")
+        self._data_spec = resolve_dotted(data) if isinstance(data, str) else data
+        self.schedule = LogSpaced(start=10, per_decade=10) if every_n_steps is None else as_schedule(every_n_steps)
+        self.restrictions = dict(restrictions or {})
+        self._datasets_spec = {k: resolve_dotted(v) if isinstance(v, str) else v for k, v in (datasets or {}).items()}
+        for kind, names in (("restriction", self.restrictions), ("dataset", self._datasets_spec)):
+            for name in names:
+                if not isinstance(name, str) or not name or "/" in name or "@" in name:
+                    raise ValueError(
+                        f"{kind} name {name!r} is not usable in a metric name: use a non-empty string "
+                        "without '/' or '@' (e.g. 'layer2')"
+                    )
+        clash = sorted(set(self.restrictions) & set(self._datasets_spec))
+        if clash:
+            raise ValueError(
+                f"names {clash} are used both in restrictions and in datasets, so their metrics would collide; "
+                "rename one of them"
+            )
+        if cross and not (self.restrictions and self._datasets_spec):
+            raise ValueError("cross=True needs both restrictions and datasets; pass both or set cross=False")
+        self.cross = cross
+        self.lr = lr
+        self.localization = localization
+        self.nbeta = nbeta
+        self.num_chains = num_chains
+        self.num_draws = num_draws
+        self.num_burnin_steps = num_burnin_steps
+        self.num_steps_bw_draws = num_steps_bw_draws
+        # the estimator checks these again, but a typo should fail at construction, not at step 100
+        from devinterp_lightning.sampling.estimator import _check_settings
+
+        _check_settings(lr, localization, nbeta, num_chains, num_draws, num_burnin_steps, num_steps_bw_draws)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer; got {seed!r}")
+        self.seed = seed
+        if not isinstance(num_data_batches, int) or num_data_batches < 1:
+            raise ValueError(f"num_data_batches must be a positive integer; got {num_data_batches!r}")
+        self.num_data_batches = num_data_batches
+        self.background = background
+        self.progress = progress
+        self.prefix = prefix
+
+        self.history = SeriesStore()
+        #: the last estimates, by metric base name (``"llc"``, ``"llc/layer2"``, ...)
+        self.last_results: dict[str, LLCResult] = {}
+        self._last_step = -1
+        self._data: Any = None
+        self._datasets: dict[str, Any] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: tuple[int, Future] | None = None
+        self.last_progress: tuple[int, int] | None = None
+        self._warned_unhealthy = False
+
+    # ------------------------------------------------------------------ naming
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix)
+
+    def metric_bases(self) -> list[str]:
+        """Metric base names in estimation order: ``prefix``, then ``prefix/<name>`` per restriction."""
+        bases = [self.prefix]
+        bases += [f"{self.prefix}/{w}" for w in self.restrictions]
+        bases += [f"{self.prefix}/{d}" for d in self._datasets_spec]
+        if self.cross:
+            bases += [f"{self.prefix}/{w}@{d}" for w in self.restrictions for d in self._datasets_spec]
+        return bases
+
+    def monitor_keys(self) -> list[str]:
+        """The keys this callback puts in ``callback_metrics`` and ``history`` (the ``/mean`` ones)."""
+        return [f"{b}/mean" for b in self.metric_bases()]
+
+    # ------------------------------------------------------------------ setup and validation
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = type(trainer.strategy).__name__
+        if any(s in strategy for s in _SHARDED_STRATEGIES):
+            raise RuntimeError(
+                f"LLCMonitor does not support {strategy} yet: the parameters are sharded across ranks and "
+                "SGLD needs the full weights. Use strategy='ddp' (chains are split across ranks), or "
+                "estimate after training with estimate_llc on a gathered full state dict."
+            )
+        if trainer.world_size > self.num_chains:
+            raise ValueError(
+                f"num_chains={self.num_chains} is smaller than the world size {trainer.world_size}: every rank "
+                f"runs at least one chain. Set num_chains >= {trainer.world_size}."
+            )
+        named = dict(pl_module.named_parameters())
+        for name, restrict in self.restrictions.items():
+            _resolve_restriction(restrict, named, name)  # raises naming the glob and listing the parameters
+        if self._data_spec is not None:
+            self._data = self._materialize(self._data_spec, "data")
+        self._datasets = {k: self._materialize(v, f"datasets[{k!r}]") for k, v in self._datasets_spec.items()}
+        if trainer.max_steps is not None and trainer.max_steps >= 0:
+            self._validate_schedule(trainer.max_steps)
+        if self.background and self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llc-monitor")
+
+    def _materialize(self, spec: Any, label: str) -> Any:
+        loader = spec
+        if callable(spec) and not hasattr(spec, "__iter__"):
+            loader = spec()
+        if not hasattr(loader, "__iter__"):
+            raise TypeError(
+                f"LLCMonitor {label} must be an iterable of batches (a DataLoader, a list) or a callable "
+                f"returning one; got {type(loader).__name__}"
+            )
+        try:
+            length = len(loader)
+        except TypeError:  # an iterable without a length is checked when first iterated
+            length = None
+        if length == 0:
+            raise ValueError(
+                f"LLCMonitor {label} has no batches (len 0): check the dataset is not empty and that "
+                "drop_last=True with batch_size > dataset size is not dropping everything"
+            )
+        return loader
+
+    def _validate_schedule(self, total_steps: float) -> None:
+        try:
+            self.schedule.validate(total_steps)
+        except ValueError as err:
+            raise ValueError(f"LLCMonitor every_n_steps: {err}") from None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validate_schedule(trainer.estimated_stepping_batches)
+        if self._data_spec is None:
+            self._data = self._cache_train_batches(trainer)
+        step = trainer.global_step
+        if self.schedule.is_due(step) and step > self._last_step:
+            self._measure(trainer, pl_module, step)
+
+    def _cache_train_batches(self, trainer: pl.Trainer) -> list[Any]:
+        loader = trainer.train_dataloader
+        if loader is None or isinstance(loader, (Mapping, list, tuple)):
+            raise ValueError(
+                "LLCMonitor(data=None) samples on the first batches of the train dataloader, which needs a "
+                "single train dataloader; pass data=<loader> (or a dotted path to a function returning one)"
+            )
+        batches = []
+        # Iterating a shuffling loader draws its order from the global RNG; fork it so training
+        # sees exactly the order it would have seen without the monitor.
+        with _forked_host_rng():
+            for batch in loader:
+                batches.append(batch)
+                if len(batches) >= self.num_data_batches:
+                    break
+        if not batches:
+            raise ValueError(
+                "LLCMonitor(data=None): the train dataloader yielded no batches; pass data=<loader> explicitly"
+            )
+        return batches
+
+    # ------------------------------------------------------------------ the schedule
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # global_step counts optimizer steps, so under gradient accumulation it repeats across the
+        # micro-batches of one step; _last_step dedupes them.
+        step = trainer.global_step
+        if step > self._last_step and self.schedule.is_due(step):
+            self._measure(trainer, pl_module, step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._collect(trainer)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self._pending = None
+
+    # ------------------------------------------------------------------ measuring
+    def _jobs(self) -> dict[str, tuple[Any, Any]]:
+        jobs: dict[str, tuple[Any, Any]] = {self.prefix: (self._data, None)}
+        for w, restrict in self.restrictions.items():
+            jobs[f"{self.prefix}/{w}"] = (self._data, restrict)
+        for d, loader in self._datasets.items():
+            jobs[f"{self.prefix}/{d}"] = (loader, None)
+        if self.cross:
+            for w, restrict in self.restrictions.items():
+                for d, loader in self._datasets.items():
+                    jobs[f"{self.prefix}/{w}@{d}"] = (loader, restrict)
+        return jobs
+
+    def _local_chains(self, rank: int, world_size: int) -> int:
+        """Chains run by ``rank``: chain ``c`` belongs to rank ``c % world_size``."""
+        return len(range(rank, self.num_chains, world_size))
+
+    def _estimate(self, model: torch.nn.Module, step: int, rank: int, world_size: int, device: torch.device,
+                  progress: Callable[[int, int], None] | None) -> dict[str, LLCResult]:
+        return estimate_llcs(
+            model, self.loss_fn, self._jobs(), lr=self.lr, localization=self.localization, nbeta=self.nbeta,
+            num_chains=self._local_chains(rank, world_size), num_draws=self.num_draws,
+            num_burnin_steps=self.num_burnin_steps, num_steps_bw_draws=self.num_steps_bw_draws,
+            seed=_derive_seed(self.seed, step, rank), device=device, dtype=torch.float32, progress=progress,
+        )
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        self._last_step = step
+        rank, world_size = trainer.global_rank, trainer.world_size
+        if self.background:
+            self._collect(trainer)  # the previous estimate, deterministically, before the next one
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llc-monitor")
+            snapshot = _snapshot(pl_module, trainer)
+            future = self._executor.submit(
+                self._estimate, snapshot, step, rank, world_size, pl_module.device, None
+            )
+            self._pending = (step, future)
+            return
+        progress = _Progress(trainer, step) if self.progress else None
+        local = self._estimate(pl_module, step, rank, world_size, pl_module.device, progress)
+        if progress is not None:
+            self.last_progress = progress.last
+        self._publish(trainer, step, self._merge_ranks(trainer, local))
+
+    def _collect(self, trainer: pl.Trainer) -> None:
+        """Finish the pending background estimate (if any) and publish it at its snapshot step."""
+        if self._pending is None:
+            return
+        step, future = self._pending
+        self._pending = None
+        self._publish(trainer, step, self._merge_ranks(trainer, future.result()))
+
+    def _merge_ranks(self, trainer: pl.Trainer, local: dict[str, LLCResult]) -> dict[str, LLCResult]:
+        """All-gather every rank's chains and re-summarize, so all ranks hold the same estimates."""
+        world_size = trainer.world_size
+        if world_size == 1:
+            return local
+        names = list(local)
+        per_rank = -(-self.num_chains // world_size)
+        num_draws = self.num_draws
+        device = trainer.strategy.root_device
+        loss = torch.full((len(names), per_rank, num_draws), math.nan, dtype=torch.float64)
+        init = torch.full_like(loss, math.nan)
+        diverged = torch.zeros(len(names), per_rank, dtype=torch.float64)
+        present = torch.zeros(len(names), per_rank, dtype=torch.float64)
+        nbeta = torch.zeros(len(names), dtype=torch.float64)
+        for j, name in enumerate(names):
+            res = local[name]
+            n = res.num_chains
+            loss[j, :n] = res.loss_trace.double()
+            init[j, :n] = res.init_loss_trace.double()
+            diverged[j, :n] = res.diverged.double()
+            present[j, :n] = 1.0
+            nbeta[j] = res.nbeta
+        packed = torch.cat([loss.flatten(), init.flatten(), diverged.flatten(), present.flatten(), nbeta])
+        gathered = trainer.strategy.all_gather(packed.to(device)).to("cpu").reshape(world_size, -1)
+        sizes = [loss.numel(), init.numel(), diverged.numel(), present.numel(), nbeta.numel()]
+        parts = [row.split(sizes) for row in gathered]
+        ref_nbeta = parts[0][4]
+        merged: dict[str, LLCResult] = {}
+        for j, name in enumerate(names):
+            losses, inits, divs = [], [], []
+            for r_loss, r_init, r_div, r_present, r_nbeta in parts:
+                if not math.isclose(float(r_nbeta[j]), float(ref_nbeta[j]), rel_tol=1e-9):
+                    raise RuntimeError(
+                        f"LLCMonitor: ranks sampled {name!r} with different nbeta ({float(ref_nbeta[j])} vs "
+                        f"{float(r_nbeta[j])}) because their probe batches differ in size; pass nbeta= explicitly"
+                    )
+                keep = r_present.reshape(len(names), per_rank)[j].bool()
+                losses.append(r_loss.reshape(len(names), per_rank, num_draws)[j][keep])
+                inits.append(r_init.reshape(len(names), per_rank, num_draws)[j][keep])
+                divs.append(r_div.reshape(len(names), per_rank)[j][keep].bool())
+            merged[name] = summarize_chains(
+                torch.cat(losses), torch.cat(inits), float(ref_nbeta[j]), lr=self.lr,
+                localization=self.localization, diverged=torch.cat(divs), warn=False,
+            )
+        return merged
+
+    def _publish(self, trainer: pl.Trainer, step: int, results: dict[str, LLCResult]) -> None:
+        metrics: dict[str, float] = {}
+        for base, res in results.items():
+            metrics[f"{base}/mean"] = res.mean
+            metrics[f"{base}/std"] = res.std
+            self.history.append(
+                f"{base}/mean", SeriesPoint(step=step, value=res.mean, std=res.std, stderr=res.stderr, flags=res.flags)
+            )
+        self.last_results = dict(results)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        callback_metrics = trainer.callback_metrics
+        for key, value in metrics.items():
+            callback_metrics[key] = torch.tensor(value)
+        unhealthy = {b: r.flags for b, r in results.items() if r.flags}
+        if unhealthy:
+            # warn once per run, then keep it out of the way (the flags are in history)
+            level = logging.INFO if self._warned_unhealthy else logging.WARNING
+            self._warned_unhealthy = True
+            if trainer.is_global_zero:
+                log.log(
+                    level, "LLCMonitor: step %d: unhealthy estimates %s; the flags are kept in "
+                    "monitor.history (see docs/troubleshooting.md)", step, unhealthy,
+                )
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        # a checkpoint taken while a background estimate runs must not lose it; every rank
+        # reaches here from Trainer.save_checkpoint, so the all_gather in _collect is safe
+        if self._pending is not None and self._trainer_ref is not None:
+            self._collect(self._trainer_ref)
+        return {"history": self.history.state_dict(), "last_step": self._last_step, "version": 1}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history.load_state_dict(state_dict["history"])
+        self._last_step = int(state_dict["last_step"])
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainer_ref = trainer
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainer_ref = None
+
+    _trainer_ref: pl.Trainer | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn pickles the callbacks; threads, futures and the trainer do not travel
+        state = dict(self.__dict__)
+        state["_executor"] = None
+        state["_pending"] = None
+        state.pop("_trainer_ref", None)
+        return state
+
+
+def _snapshot(pl_module: pl.LightningModule, trainer: pl.Trainer) -> torch.nn.Module:
+    """A private deep copy of the module's weights and structure (the trainer is shared, not copied)."""
+    memo: dict[int, Any] = {id(trainer): trainer}
+    fabric = getattr(pl_module, "_fabric", None)
+    if fabric is not None:
+        memo[id(fabric)] = fabric
+    with torch.no_grad():
+        return copy.deepcopy(pl_module, memo)
