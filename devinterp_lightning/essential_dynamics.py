@@ -1,0 +1,488 @@
+"""Essential dynamics: a low-rank PCA of a model's functional trajectory and its turning points.
+
+No Lightning import: tensors / arrays in, arrays and small dataclasses out.
+
+Pipeline (Hoogland et al. 2024, "The developmental landscape of in-context learning"):
+
+1. At each snapshot ``t`` the model's outputs on a fixed probe batch are flattened into a vector
+   ``x_t`` in ``R^D``. :class:`IncrementalPCA` keeps a bounded-memory PCA of ``x_0, ..., x_t``.
+2. The trajectory is projected on the top ``k`` principal components, giving a curve in ``R^k``.
+3. For each pair of components ``(i, j)`` the planar curve is smoothed (a Gaussian-weighted local
+   quadratic fit, which also yields the derivatives) and its signed curvature
+   ``kappa = (x' y'' - y' x'') / (x'^2 + y'^2)^{3/2}`` is computed. The osculating circle at a point
+   has radius ``1/|kappa|`` and centre ``p + n / kappa`` (``n`` the unit normal); the centres form
+   the *evolute*.
+4. The evolute has a cusp exactly where ``d kappa / ds = 0`` (a *vertex* of the curve). Turning
+   points are the vertices where ``|kappa|`` is a local maximum and the tangent turns by at least
+   ``min_angle`` radians around it.
+5. A turning point is kept when it appears in at least ``min_pairs`` component pairs within
+   ``tolerance`` snapshots of each other (cusps seen in a single projection are often projection
+   artefacts; a random walk produces plenty of them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "IncrementalPCA",
+    "PlanarGeometry",
+    "TurningPoint",
+    "planar_geometry",
+    "smooth_derivatives",
+    "find_turning_points",
+    "pair_vertices",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Incremental PCA with bounded memory
+# --------------------------------------------------------------------------------------------------
+class IncrementalPCA:
+    """PCA of a growing sequence of vectors in ``R^D`` with memory ``O(D * rank + N * rank)``.
+
+    Representation: every stored snapshot ``x_i`` is approximated by ``c + Q a_i`` with a reference
+    point ``c`` in ``R^D``, an orthonormal basis ``Q`` (``D x r``, ``r <= rank``) and coordinates
+    ``a_i`` in ``R^r``. A new vector ``x`` is projected, ``a = Q^T (x - c)``; the part of ``x - c``
+    outside ``span(Q)`` becomes a new basis column (old snapshots get coordinate 0 on it). When the
+    basis exceeds ``rank`` columns, the coordinates are rotated onto their own principal axes and
+    the axis of least variance is dropped; its energy is added to each row's ``residual``.
+
+    The PCA of the approximated points ``c + Q a_i`` is then computed exactly from the ``N x r``
+    coordinate matrix. It is the exact PCA of the snapshots while their affine span has dimension
+    ``<= rank``; otherwise an approximation whose error is reported by :attr:`residual_fraction`.
+
+    What is bounded by what:
+      * ``D * rank`` floats for ``Q``, ``D`` for ``c`` (``D`` = flattened probe output size);
+      * ``max_snapshots * rank`` floats for the coordinates: when ``max_snapshots`` would be
+        exceeded, every other stored snapshot is dropped and the storage stride doubles, so the
+        stored snapshots stay evenly spaced and span the whole run.
+    """
+
+    def __init__(self, rank: int = 8, max_snapshots: int = 2000, *, tol: float = 1e-10) -> None:
+        if rank < 2:
+            raise ValueError(f"rank must be >= 2 to draw a plane, got {rank}; pass rank >= num_components")
+        if max_snapshots < 2 * (rank + 2):
+            # After thinning at least rank + 2 snapshots must remain, so that truncating the basis
+            # is always a full rotation of the coordinates.
+            raise ValueError(
+                f"max_snapshots ({max_snapshots}) must be >= 2 * (rank + 2) = {2 * (rank + 2)}; "
+                "raise max_snapshots or lower rank"
+            )
+        self.rank = int(rank)
+        self.max_snapshots = int(max_snapshots)
+        self.tol = float(tol)
+        self.center: torch.Tensor | None = None  # (D,) float64
+        self.basis: torch.Tensor | None = None  # (D, r) float64, orthonormal columns
+        self.coords = torch.zeros(0, 0, dtype=torch.float64)  # (N, r)
+        self.residual = torch.zeros(0, dtype=torch.float64)  # (N,) squared distance to the subspace
+        self.steps: list[int] = []  # step of each stored snapshot
+        self.stride = 1  # store one snapshot out of `stride` offered
+        self.num_seen = 0  # snapshots offered so far (stored or not)
+
+    # ---- updates ---------------------------------------------------------------------------------
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
+        if self.center is not None and x.numel() != self.center.numel():
+            raise ValueError(
+                f"snapshot has {x.numel()} values but earlier ones had {self.center.numel()}; "
+                "the probe batch and the model's output shape must stay fixed"
+            )
+        if not torch.isfinite(x).all():
+            raise ValueError("snapshot contains nan/inf; the model's outputs on the probe batch diverged")
+        return x
+
+    def add(self, x: torch.Tensor, step: int) -> bool:
+        """Offer snapshot ``x`` (any shape, flattened) taken at ``step``. Returns True if stored."""
+        x = self._check(x)
+        seen = self.num_seen
+        self.num_seen += 1
+        if seen % self.stride != 0:
+            return False
+        if self.center is None:
+            self.center = x.clone()
+            self.basis = torch.zeros(x.numel(), 0, dtype=torch.float64)
+            self.coords = torch.zeros(1, 0, dtype=torch.float64)
+            self.residual = torch.zeros(1, dtype=torch.float64)
+            self.steps = [int(step)]
+            return True
+        assert self.basis is not None
+        d = x - self.center
+        a = self.basis.T @ d
+        e = d - self.basis @ a
+        # Gram-Schmidt twice: one pass loses orthogonality when e is small relative to d.
+        a2 = self.basis.T @ e
+        a = a + a2
+        e = e - self.basis @ a2
+        enorm = float(e.norm())
+        scale = max(float(d.norm()), 1e-300)
+        n = self.coords.shape[0]
+        if enorm > self.tol * scale:
+            self.basis = torch.cat([self.basis, (e / enorm)[:, None]], dim=1)
+            self.coords = torch.cat([self.coords, torch.zeros(n, 1, dtype=torch.float64)], dim=1)
+            new_row = torch.cat([a, torch.tensor([enorm], dtype=torch.float64)])
+            res = 0.0
+        else:
+            new_row = a
+            res = enorm**2
+        self.coords = torch.cat([self.coords, new_row[None, :]], dim=0)
+        self.residual = torch.cat([self.residual, torch.tensor([res], dtype=torch.float64)])
+        self.steps.append(int(step))
+        if self.basis.shape[1] > self.rank:
+            self._truncate()
+        if len(self.steps) > self.max_snapshots:
+            self._thin()
+        return True
+
+    def _truncate(self) -> None:
+        assert self.basis is not None and self.center is not None
+        mean = self.coords.mean(dim=0)
+        centered = self.coords - mean
+        _, _, vh = torch.linalg.svd(centered, full_matrices=False)
+        # N >= r + 1 here (see __init__), so vh is a full r x r rotation.
+        w = vh.T  # principal axes of the coordinates, by decreasing variance
+        keep = w[:, : self.rank]
+        dropped = centered @ w[:, self.rank :]
+        self.residual = self.residual + (dropped**2).sum(dim=1)
+        self.center = self.center + self.basis @ mean
+        self.basis = self.basis @ keep
+        self.coords = centered @ keep
+
+    def _thin(self) -> None:
+        # Keep the snapshots whose offer index is a multiple of the doubled stride (the first one
+        # included), so spacing stays uniform.
+        offer_index = [k * self.stride for k in range(len(self.steps))]
+        keep = [i for i, k in enumerate(offer_index) if k % (2 * self.stride) == 0]
+        idx = torch.tensor(keep, dtype=torch.long)
+        self.coords = self.coords[idx]
+        self.residual = self.residual[idx]
+        self.steps = [self.steps[i] for i in keep]
+        self.stride *= 2
+
+    # ---- queries ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def components(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-``k`` PCA of the stored snapshots.
+
+        Returns ``(scores, axes, variances)``: ``scores`` (``N x k``) are the coordinates of every
+        stored snapshot on the current principal components, ``axes`` (``r x k``) express the
+        components in the internal basis (the ``D``-space direction is ``basis @ axes``) and
+        ``variances`` (``k``) the variance along each. Missing components (fewer snapshots than
+        ``k + 1``) are zero columns. Signs are fixed so that the first stored snapshot has a
+        non-positive score (the trajectory runs towards the positive side).
+        """
+        n, r = self.coords.shape
+        scores = torch.zeros(n, k, dtype=torch.float64)
+        axes = torch.zeros(r, k, dtype=torch.float64)
+        variances = torch.zeros(k, dtype=torch.float64)
+        if n < 2 or r == 0:
+            return scores, axes, variances
+        centered = self.coords - self.coords.mean(dim=0)
+        _, s, vh = torch.linalg.svd(centered, full_matrices=False)
+        m = min(k, vh.shape[0])
+        w = vh[:m].T
+        sc = centered @ w
+        sign = torch.where(sc[0] > 0, -1.0, 1.0).to(torch.float64)
+        scores[:, :m] = sc * sign
+        axes[:, :m] = w * sign
+        variances[:m] = s[:m] ** 2 / n
+        return scores, axes, variances
+
+    def project(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Scores of an arbitrary vector on the current top-``k`` components (same signs as
+        :meth:`components`)."""
+        x = self._check(x)
+        _, axes, _ = self.components(k)
+        if self.basis is None or self.center is None:
+            return torch.zeros(k, dtype=torch.float64)
+        a = self.basis.T @ (x - self.center)
+        return (a - self.coords.mean(dim=0)) @ axes
+
+    @property
+    def residual_fraction(self) -> float:
+        """Share of the stored snapshots' squared spread lost to the rank truncation (an upper
+        bound): ``sum_i residual_i / (sum_i residual_i + sum_i |a_i - mean(a)|^2)``."""
+        if len(self.steps) < 2:
+            return 0.0
+        spread = float(((self.coords - self.coords.mean(dim=0)) ** 2).sum())
+        res = float(self.residual.sum())
+        total = spread + res
+        return res / total if total > 0 else 0.0
+
+    def explained_variance_ratio(self, k: int) -> torch.Tensor:
+        """Share of the total spread (including the truncated residual) on each top-``k`` component."""
+        _, _, var = self.components(k)
+        n = max(len(self.steps), 1)
+        total = float(((self.coords - self.coords.mean(dim=0)) ** 2).sum() + self.residual.sum()) / n
+        return var / total if total > 0 else torch.zeros_like(var)
+
+    # ---- persistence -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "max_snapshots": self.max_snapshots,
+            "tol": self.tol,
+            "center": None if self.center is None else self.center.clone(),
+            "basis": None if self.basis is None else self.basis.clone(),
+            "coords": self.coords.clone(),
+            "residual": self.residual.clone(),
+            "steps": list(self.steps),
+            "stride": self.stride,
+            "num_seen": self.num_seen,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rank = int(state["rank"])
+        self.max_snapshots = int(state["max_snapshots"])
+        self.tol = float(state["tol"])
+        self.center = None if state["center"] is None else state["center"].to(torch.float64).clone()
+        self.basis = None if state["basis"] is None else state["basis"].to(torch.float64).clone()
+        self.coords = state["coords"].to(torch.float64).clone()
+        self.residual = state["residual"].to(torch.float64).clone()
+        self.steps = [int(s) for s in state["steps"]]
+        self.stride = int(state["stride"])
+        self.num_seen = int(state["num_seen"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Planar curve geometry
+# --------------------------------------------------------------------------------------------------
+def smooth_derivatives(y: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gaussian-weighted local quadratic regression of ``y`` (``N`` or ``N x d``) on the index.
+
+    At each index ``i`` fits ``y(i + u) ~ b0 + b1 u + b2 u^2`` by least squares with weights
+    ``exp(-u^2 / (2 sigma^2))`` over ``|u| <= max(2, ceil(3 sigma))`` (truncated at the ends, where
+    the fit becomes one-sided). Returns ``(y_hat, y', y'')`` with ``y' = b1``, ``y'' = 2 b2`` (per
+    snapshot). ``sigma <= 0`` means the smallest window (±2) with equal weights.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    squeeze = y.ndim == 1
+    if squeeze:
+        y = y[:, None]
+    n = y.shape[0]
+    if n < 3:
+        raise ValueError(f"need at least 3 points for second derivatives, got {n}")
+    half = max(2, math.ceil(3 * sigma)) if sigma > 0 else 2
+    half = min(half, n - 1)
+    u = np.arange(-half, half + 1, dtype=np.float64)
+    w = np.exp(-(u**2) / (2 * sigma**2)) if sigma > 0 else np.ones_like(u)
+    idx = np.arange(n)[:, None] + u[None, :].astype(np.int64)  # (N, W)
+    valid = (idx >= 0) & (idx < n)
+    wv = np.where(valid, w[None, :], 0.0)  # (N, W)
+    design = np.stack([np.ones_like(u), u, u**2], axis=1)  # (W, 3)
+    # Normal equations per point: (X^T W X) b = X^T W y
+    xtwx = np.einsum("nw,wa,wb->nab", wv, design, design)
+    yv = y[np.clip(idx, 0, n - 1)]  # (N, W, d)
+    xtwy = np.einsum("nw,wa,nwd->nad", wv, design, yv)
+    coef = np.linalg.solve(xtwx, xtwy)  # (N, 3, d)
+    out = (coef[:, 0], coef[:, 1], 2.0 * coef[:, 2])
+    if squeeze:
+        return tuple(o[:, 0] for o in out)  # type: ignore[return-value]
+    return out
+
+
+@dataclass(frozen=True)
+class PlanarGeometry:
+    """Smoothed planar curve with its curvature and evolute.
+
+    Attributes:
+        points: smoothed curve, ``N x 2``.
+        velocity: ``d p / d i`` per snapshot, ``N x 2``.
+        curvature: signed curvature ``kappa`` (1 / coordinate unit); positive = turning left.
+        evolute: centres of the osculating circles ``p + n / kappa``, ``N x 2`` (inf where kappa = 0).
+        tangent_angle: unwrapped tangent direction ``theta`` (radians), ``N``.
+    """
+
+    points: np.ndarray
+    velocity: np.ndarray
+    curvature: np.ndarray
+    evolute: np.ndarray
+    tangent_angle: np.ndarray
+
+
+def planar_geometry(xy: np.ndarray, sigma: float) -> PlanarGeometry:
+    """Osculating-circle geometry of the planar curve ``xy`` (``N x 2``) smoothed with ``sigma``.
+
+    ``kappa = (x' y'' - y' x'') / (x'^2 + y'^2)^{3/2}``; evolute ``= p + (-y', x') / (|p'| kappa)``.
+    """
+    xy = np.asarray(xy, dtype=np.float64)
+    p, d1, d2 = smooth_derivatives(xy, sigma)
+    speed2 = (d1**2).sum(axis=1)
+    tiny = np.finfo(np.float64).tiny
+    cross = d1[:, 0] * d2[:, 1] - d1[:, 1] * d2[:, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kappa = np.where(speed2 > tiny, cross / np.maximum(speed2, tiny) ** 1.5, 0.0)
+        normal = np.stack([-d1[:, 1], d1[:, 0]], axis=1) / np.sqrt(np.maximum(speed2, tiny))[:, None]
+        radius = np.where(kappa != 0, 1.0 / kappa, np.inf)
+        evolute = p + normal * radius[:, None]
+    theta = np.arctan2(d1[:, 1], d1[:, 0])
+    theta = np.unwrap(theta)
+    return PlanarGeometry(points=p, velocity=d1, curvature=kappa, evolute=evolute, tangent_angle=theta)
+
+
+def _turn_window(sigma: float) -> int:
+    # Half-width over which the net turn is measured: wide enough to contain a smoothed corner.
+    return max(2, math.ceil(3 * sigma)) if sigma > 0 else 2
+
+
+def confirmation_lag(sigma: float) -> int:
+    """Snapshots needed after a turning point before its window and smoothing support are complete."""
+    return _turn_window(sigma) + (max(2, math.ceil(3 * sigma)) if sigma > 0 else 2)
+
+
+def pair_vertices(
+    xy: np.ndarray, sigma: float, min_angle: float, min_snr: float = 0.0
+) -> tuple[list[tuple[int, float, float]], PlanarGeometry]:
+    """Turning-point candidates of one planar curve: cusps of its evolute where ``|kappa|`` peaks.
+
+    A candidate is an index ``i`` where ``d|kappa|/ds`` changes sign from + to - (a vertex whose
+    osculating circle is locally smallest) and the unwrapped tangent angle changes by at least
+    ``min_angle`` between ``i - h`` and ``i + h`` (``h = max(2, ceil(3 sigma))``). Candidates closer
+    than ``h`` are suppressed in favour of the larger turn.
+
+    ``min_snr`` guards against the jitter of a trajectory that has stopped moving (where tangents
+    are noise): both legs of the turn, ``|p(i) - p(i-h)|`` and ``|p(i+h) - p(i)|`` on the smoothed
+    curve, must be at least ``min_snr`` times the local noise, the RMS distance of the raw points
+    from the smoothed curve over ``[i-h, i+h]``.
+
+    Returns ``[(index, turn, |kappa|)]`` sorted by index, and the geometry.
+    """
+    xy = np.asarray(xy, dtype=np.float64)
+    geo = planar_geometry(xy, sigma)
+    n = len(geo.curvature)
+    h = _turn_window(sigma)
+    ak = np.abs(geo.curvature)
+    res2 = ((xy - geo.points) ** 2).sum(axis=1)
+    cands: list[tuple[int, float, float]] = []
+    for i in range(1, n - 1):
+        if not (ak[i] >= ak[i - 1] and ak[i] > ak[i + 1]):
+            continue
+        lo, hi = max(0, i - h), min(n - 1, i + h)
+        turn = abs(float(geo.tangent_angle[hi] - geo.tangent_angle[lo]))
+        if turn < min_angle:
+            continue
+        if min_snr > 0:
+            noise = math.sqrt(float(res2[lo : hi + 1].mean()))
+            legs = min(np.linalg.norm(geo.points[i] - geo.points[lo]), np.linalg.norm(geo.points[hi] - geo.points[i]))
+            if legs < min_snr * noise:
+                continue
+        cands.append((i, turn, float(ak[i])))
+    kept: list[tuple[int, float, float]] = []
+    for c in sorted(cands, key=lambda c: -c[1]):
+        if all(abs(c[0] - k[0]) > h for k in kept):
+            kept.append(c)
+    return sorted(kept), geo
+
+
+@dataclass(frozen=True)
+class TurningPoint:
+    """A turning point of the essential-dynamics trajectory seen consistently across projections.
+
+    Attributes:
+        index: index of the snapshot in the stored trajectory.
+        step: training step of that snapshot.
+        pairs: the component pairs (0-based) in which an evolute cusp was found near ``index``.
+        turn: largest net tangent turn (radians) among those pairs.
+        coords: the snapshot's coordinates on the top components at detection time.
+    """
+
+    index: int
+    step: int
+    pairs: tuple[tuple[int, int], ...]
+    turn: float
+    coords: tuple[float, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["pairs"] = [list(p) for p in self.pairs]
+        d["coords"] = list(self.coords)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TurningPoint:
+        return cls(
+            index=int(d["index"]),
+            step=int(d["step"]),
+            pairs=tuple(tuple(p) for p in d["pairs"]),  # type: ignore[misc]
+            turn=float(d["turn"]),
+            coords=tuple(float(c) for c in d.get("coords", ())),
+        )
+
+
+def find_turning_points(
+    scores: np.ndarray,
+    steps: list[int] | np.ndarray | None = None,
+    *,
+    sigma: float = 2.0,
+    min_angle: float = math.radians(45),
+    min_pairs: int = 2,
+    tolerance: int | None = None,
+    min_snr: float = 3.0,
+) -> list[TurningPoint]:
+    """Turning points of a trajectory in PC space (``scores``: ``N x k``).
+
+    For each pair of components the evolute cusps are found with :func:`pair_vertices`; the
+    candidates of all pairs are grouped greedily (largest turn first) with those of the other pairs
+    within ``tolerance`` snapshots (default ``max(2, ceil(sigma))``), and a group becomes a turning
+    point when it spans at least ``min(min_pairs, number of pairs)`` distinct pairs. The turning
+    point's index is the median index of the group. ``min_snr``: see :func:`pair_vertices`.
+    Returns the points sorted by index.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    n, k = scores.shape
+    if k < 2:
+        raise ValueError(f"need at least 2 components for a planar trajectory, got {k}")
+    steps_arr = np.arange(n) if steps is None else np.asarray(steps)
+    if len(steps_arr) != n:
+        raise ValueError(f"steps has {len(steps_arr)} entries but scores has {n} rows")
+    if n < 5:
+        return []
+    tol = max(2, math.ceil(sigma)) if tolerance is None else int(tolerance)
+    pairs = list(combinations(range(k), 2))
+    need = max(1, min(min_pairs, len(pairs)))
+    cands: list[tuple[int, float, tuple[int, int]]] = []
+    for pair in pairs:
+        verts, _ = pair_vertices(scores[:, list(pair)], sigma, min_angle, min_snr)
+        cands.extend((i, turn, pair) for i, turn, _ in verts)
+    used = [False] * len(cands)
+    out: list[TurningPoint] = []
+    for ci in sorted(range(len(cands)), key=lambda c: -cands[c][1]):
+        if used[ci]:
+            continue
+        i0, turn0, _ = cands[ci]
+        group = [ci]
+        seen_pairs = {cands[ci][2]}
+        for cj in sorted(range(len(cands)), key=lambda c: abs(cands[c][0] - i0)):
+            if used[cj] or cj == ci or abs(cands[cj][0] - i0) > tol or cands[cj][2] in seen_pairs:
+                continue
+            group.append(cj)
+            seen_pairs.add(cands[cj][2])
+        if len(seen_pairs) < need:
+            continue
+        for g in group:
+            used[g] = True
+        idx = int(np.median([cands[g][0] for g in group]))
+        out.append(
+            TurningPoint(
+                index=idx,
+                step=int(steps_arr[idx]),
+                pairs=tuple(sorted(seen_pairs)),
+                turn=max(cands[g][1] for g in group),
+                coords=tuple(float(v) for v in scores[idx]),
+            )
+        )
+    # Groups are formed strongest first; two groups may still sit within tol of each other when
+    # each lacked the other's pairs. Keep the stronger.
+    final: list[TurningPoint] = []
+    for tp in sorted(out, key=lambda t: -t.turn):
+        if all(abs(tp.index - f.index) > tol for f in final):
+            final.append(tp)
+    return sorted(final, key=lambda t: t.index)
