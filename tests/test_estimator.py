@@ -1,0 +1,264 @@
+"""Unit tests of estimate_llc / estimate_llcs: contract, model safety, restrictions, divergence."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from devinterp_lightning import estimate_llc, estimate_llcs
+
+
+def mse(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def regression_data(n: int = 512, din: int = 4, dout: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, din, generator=g)
+    w = torch.randn(dout, din, generator=g)
+    return x, x @ w.T, w
+
+
+class Potential(nn.Module):
+    """A model whose 'loss' is a polynomial of its own weights; the data is ignored."""
+
+    def __init__(self, init: list[float]) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(init))
+
+
+def dummy_loader(n: int = 8):
+    return DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=n)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.drop = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(torch.relu(self.bn(self.fc1(x)))))
+
+
+FAST = dict(lr=1e-4, localization=10.0, nbeta=50.0, num_chains=2, num_draws=20, num_burnin_steps=5)
+
+
+def test_result_shapes_and_init_loss() -> None:
+    x, y, _ = regression_data()
+    model = nn.Linear(4, 3)
+    loader = DataLoader(TensorDataset(x, y), batch_size=64)
+    res = estimate_llc(model, mse, loader, seed=0, **{**FAST, "num_chains": 3, "num_draws": 7})
+    assert res.loss_trace.shape == (3, 7) and res.init_loss_trace.shape == (3, 7)
+    assert res.per_chain.shape == (3,)
+    with torch.no_grad():
+        full = float(mse(model, (x, y)))
+    # init_loss is the loss at w* averaged over the draws' batches (here whole epochs' worth)
+    assert res.init_loss == pytest.approx(float(res.init_loss_trace.double().mean()), rel=1e-6)
+    assert res.init_loss == pytest.approx(full, rel=0.2)
+    assert math.isfinite(res.mean) and res.num_chains == 3
+
+
+def test_model_left_exactly_as_it_was() -> None:
+    torch.manual_seed(123)
+    x, y, _ = regression_data(n=256)
+    model = Net()
+    model.train()
+    model.fc2.eval()  # a mixed-mode model: every submodule's mode must come back
+    model.fc1.bias.requires_grad_(False)
+    mse(model, (x[:32], y[:32])).backward()  # leaves .grad populated on some parameters
+    model.bn.running_mean.add_(0.3)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    requires = {n: p.requires_grad for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    for seed in (5, None):
+        rng = torch.get_rng_state()
+        res = estimate_llc(model, mse, loader, seed=seed, **FAST)
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert math.isfinite(res.mean)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), params[n]) and p.requires_grad == requires[n]
+        assert (p.grad is None) == (grads[n] is None)
+        if p.grad is not None:
+            assert torch.equal(p.grad, grads[n])
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n])
+    assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+def test_shuffled_loader_deterministic_with_seed() -> None:
+    x, y, _ = regression_data()
+    model = nn.Linear(4, 3)
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    a = estimate_llc(model, mse, loader, seed=11, **FAST)
+    b = estimate_llc(model, mse, loader, seed=11, **FAST)
+    c = estimate_llc(model, mse, loader, seed=12, **FAST)
+    assert torch.equal(a.loss_trace, b.loss_trace) and torch.equal(a.init_loss_trace, b.init_loss_trace)
+    assert a.mean == b.mean
+    assert not torch.equal(a.loss_trace, c.loss_trace)
+
+
+def test_generic_loader_and_dict_batches() -> None:
+    # any iterable of batches works (here a list of dicts), not only a DataLoader
+    x, y, _ = regression_data(n=128)
+    batches = [{"x": x[i : i + 32], "y": y[i : i + 32]} for i in range(0, 128, 32)]
+    model = nn.Linear(4, 3)
+    res = estimate_llc(model, lambda m, b: ((m(b["x"]) - b["y"]) ** 2).mean(), batches, seed=0, **FAST)
+    assert math.isfinite(res.mean)
+
+
+def test_default_nbeta_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    x, y, _ = regression_data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=64)
+    kwargs = {k: v for k, v in FAST.items() if k != "nbeta"}
+    with caplog.at_level(logging.INFO, logger="devinterp_lightning"):
+        res = estimate_llc(nn.Linear(4, 3), mse, loader, seed=0, **kwargs)
+    assert res.nbeta == pytest.approx(64 / math.log(64))
+    assert any("B/log(B)" in r.getMessage() and r.name == "devinterp_lightning" for r in caplog.records)
+
+
+def test_progress_reports_every_step() -> None:
+    x, y, _ = regression_data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=64)
+    calls: list[tuple[int, int]] = []
+    estimate_llcs(
+        nn.Linear(4, 3), mse, {"a": (loader, None), "b": (list(loader), "weight")},
+        seed=0, progress=lambda d, t: calls.append((d, t)), **{**FAST, "num_draws": 4, "num_burnin_steps": 2},
+    )
+    total = 2 * (2 + 4)  # two batch streams (two loader objects), 6 steps each
+    assert calls[-1] == (total, total)
+    assert [d for d, _ in calls] == list(range(1, total + 1))
+
+
+@pytest.mark.parametrize(
+    "restrict, match",
+    [
+        ("decoder.*", r"matches no parameter.*fnmatch.*0\.weight, 0\.bias, 1\.weight, 1\.bias"),
+        (["nope", "also.nope"], "matches no parameter"),
+        ({"0.wieght": torch.ones(5, 4, dtype=torch.bool)}, r"unknown parameters \['0\.wieght'\].*0\.weight"),
+        ({"0.weight": torch.ones(4, 5, dtype=torch.bool)}, "must be a bool tensor of shape"),
+        ({"0.weight": torch.zeros(5, 4, dtype=torch.bool)}, "all False"),
+        (3, "must be a glob"),
+    ],
+)
+def test_restriction_errors(restrict, match: str) -> None:
+    model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3))
+    x, y, _ = regression_data()
+    with pytest.raises(ValueError, match=match):
+        estimate_llc(model, mse, DataLoader(TensorDataset(x, y), batch_size=64), restrict=restrict, **FAST)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"lr": 0.0}, "lr"), ({"localization": -1.0}, "localization"), ({"num_draws": 0}, "num_draws"),
+     ({"nbeta": float("inf")}, "nbeta")],
+)
+def test_bad_settings_raise_early(kwargs, match: str) -> None:
+    x, y, _ = regression_data()
+    with pytest.raises(ValueError, match=match):
+        estimate_llc(nn.Linear(4, 3), mse, DataLoader(TensorDataset(x, y), batch_size=64), **{**FAST, **kwargs})
+
+
+def test_mask_restriction_moves_only_masked_entries() -> None:
+    # loss = w0^2 (w1, w2 do not matter). Moving only w1 leaves the loss at w* on every draw: llc = 0
+    # exactly. Moving only w0 gives a 1-d regular model: llc ~ 1/2.
+    model = Potential([0.0, 0.0, 0.0])
+    loss = lambda m, b: m.w[0] ** 2  # noqa: E731
+    kw = dict(lr=1e-4, localization=1.0, nbeta=1000.0, num_chains=8, num_draws=400, num_burnin_steps=100, seed=0)
+    off = estimate_llc(model, loss, dummy_loader(), restrict={"w": torch.tensor([False, True, False])}, **kw)
+    assert off.mean == 0.0 and torch.all(off.loss_trace == 0)
+    on = estimate_llc(model, loss, dummy_loader(), restrict={"w": torch.tensor([True, False, False])}, **kw)
+    # 8 chains x 400 draws: seeds 0-4 gave 0.47-0.53
+    assert on.mean == pytest.approx(0.5, abs=0.08)
+
+
+def test_huge_lr_all_chains_diverge_cleanly() -> None:
+    x, y, _ = regression_data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=64)
+    with pytest.warns(RuntimeWarning, match="all 3 SGLD chains diverged"):
+        res = estimate_llc(nn.Linear(4, 3), mse, loader, **{**FAST, "lr": 10.0, "nbeta": 100.0, "num_chains": 3})
+    assert res.all_diverged and res.flags == ("all_diverged",)
+    assert math.isnan(res.mean) and torch.isnan(res.per_chain).all()
+
+
+def test_some_chains_diverge_and_are_excluded() -> None:
+    # loss = w^4: stable near 0, unstable once lr/2 * nbeta * 12 w^2 > 2. With this lr some chains
+    # are kicked out by the noise and blow up, the others sample normally.
+    model = Potential([0.0])
+    loss = lambda m, b: (m.w**4).sum()  # noqa: E731
+    with pytest.warns(RuntimeWarning, match="of 16 SGLD chains diverged and were excluded"):
+        res = estimate_llc(model, loss, dummy_loader(), lr=0.08, localization=0.0, nbeta=10.0,
+                           num_chains=16, num_draws=200, seed=3)
+    n_bad = int(res.diverged.sum())
+    assert 0 < n_bad < 16 and "diverged" in res.flags
+    good = res.per_chain[~res.diverged]
+    assert torch.isnan(res.per_chain[res.diverged]).all() and torch.isfinite(good).all()
+    assert res.mean == pytest.approx(float(good.double().mean()), rel=1e-6)
+    assert torch.isfinite(res.loss_trace[~res.diverged]).all()
+
+
+def test_bf16_model_is_sampled_in_float32() -> None:
+    x, y, _ = regression_data()
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loader = DataLoader(TensorDataset(x.bfloat16(), y.bfloat16()), batch_size=64)
+    res = estimate_llc(model, mse, loader, seed=0, **FAST)
+    assert math.isfinite(res.mean) and res.loss_trace.dtype == torch.float32
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), before[n])
+
+
+def test_train_mode_batchnorm_falls_back_to_a_loop() -> None:
+    # BatchNorm in train mode updates running stats in place, which vmap cannot batch; the sampler
+    # loops over chains instead, and the model's own buffers stay untouched.
+    x, y, _ = regression_data()
+    model = Net()
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+    res = estimate_llc(model, mse, DataLoader(TensorDataset(x, y), batch_size=64), eval_mode=False, seed=0, **FAST)
+    assert math.isfinite(res.mean)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n])
+
+
+def test_estimate_llcs_matches_separate_estimates() -> None:
+    # A teacher-initialised 2-layer linear net; "all" and "last" share one loader (one vectorized
+    # run), "half" uses inputs confined to 2 of 4 dims (its own stream). Each must agree in
+    # distribution with a separate estimate_llc call.
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 3, bias=False))
+    x = torch.randn(1024, 4, generator=g)
+    with torch.no_grad():
+        y = model(x)
+        xh = x * torch.tensor([1.0, 1.0, 0.0, 0.0])
+        yh = model(xh)
+    full = DataLoader(TensorDataset(x, y), batch_size=256)
+    half = DataLoader(TensorDataset(xh, yh), batch_size=256)
+    kw = dict(lr=2e-4, localization=1.0, nbeta=500.0, num_chains=6, num_draws=300, num_burnin_steps=200)
+    together = estimate_llcs(model, mse, {"all": (full, None), "last": (full, "1.*"), "half": (half, None)},
+                             seed=1, **kw)
+    assert list(together) == ["all", "last", "half"]
+    apart = {
+        "all": estimate_llc(model, mse, full, seed=2, **kw),
+        "last": estimate_llc(model, mse, full, restrict="1.*", seed=3, **kw),
+        "half": estimate_llc(model, mse, half, seed=4, **kw),
+    }
+    for name in together:
+        a, b = together[name], apart[name]
+        tol = 4 * math.hypot(a.stderr, b.stderr) + 0.05 * abs(b.mean)
+        assert abs(a.mean - b.mean) < tol, (name, a.mean, b.mean, tol)
+    # the restricted estimates are smaller than the full one (fewer moving weights)
+    assert together["last"].mean < together["all"].mean
+    assert together["half"].mean < together["all"].mean
