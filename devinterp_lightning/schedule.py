@@ -181,7 +181,7 @@ class ExplicitSteps(Schedule):
         return self.steps[i] if i < len(self.steps) else None
 
     def validate(self, total_steps: float) -> None:
-        super().validate(total_steps)
+        # explicit steps are taken literally (``[0]`` measures only the initialization, on purpose)
         if math.isinf(total_steps):
             return
         beyond = [s for s in self.steps if s > total_steps]

@@ -9,14 +9,12 @@ See docs/monitor.md for every parameter, the metric names and the overhead figur
 
 from __future__ import annotations
 
-import copy
 import importlib
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -159,10 +157,6 @@ class LLCMonitor(Callback):
             SGLD settings of :func:`~devinterp_lightning.sampling.estimator.estimate_llc`.
         seed: base seed; the estimate at step ``t`` on rank ``r`` uses ``_derive_seed(seed, t, r)``.
         num_data_batches: how many train batches to cache when ``data`` is None.
-        background: sample in a worker thread on a copy of the weights while training continues.
-            The results are identical to ``background=False``; they are logged at the step they
-            were snapshotted, and enter ``callback_metrics`` and ``history`` at the next due step
-            (or at a checkpoint, or when training ends).
         progress: report sampling progress in the progress bar (or the console every ~10 s).
         prefix: first component of every metric name.
     """
@@ -184,7 +178,6 @@ class LLCMonitor(Callback):
         num_steps_bw_draws: int = 1,
         seed: int = 0,
         num_data_batches: int = 16,
-        background: bool = False,
         progress: bool = True,
         prefix: str = "llc",
     ) -> None:
@@ -228,7 +221,6 @@ class LLCMonitor(Callback):
         if not isinstance(num_data_batches, int) or num_data_batches < 1:
             raise ValueError(f"num_data_batches must be a positive integer; got {num_data_batches!r}")
         self.num_data_batches = num_data_batches
-        self.background = background
         self.progress = progress
         self.prefix = prefix
 
@@ -238,8 +230,6 @@ class LLCMonitor(Callback):
         self._last_step = -1
         self._data: Any = None
         self._datasets: dict[str, Any] = {}
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: tuple[int, Future] | None = None
         self.last_progress: tuple[int, int] | None = None
         self._warned_unhealthy = False
 
@@ -285,8 +275,6 @@ class LLCMonitor(Callback):
         self._datasets = {k: self._materialize(v, f"datasets[{k!r}]") for k, v in self._datasets_spec.items()}
         if trainer.max_steps is not None and trainer.max_steps >= 0:
             self._validate_schedule(trainer.max_steps)
-        if self.background and self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llc-monitor")
 
     def _materialize(self, spec: Any, label: str) -> Any:
         loader = spec
@@ -353,15 +341,6 @@ class LLCMonitor(Callback):
         if step > self._last_step and self.schedule.is_due(step):
             self._measure(trainer, pl_module, step)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._collect(trainer)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-        self._pending = None
-
     # ------------------------------------------------------------------ measuring
     def _jobs(self) -> dict[str, tuple[Any, Any]]:
         jobs: dict[str, tuple[Any, Any]] = {self.prefix: (self._data, None)}
@@ -391,29 +370,11 @@ class LLCMonitor(Callback):
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         self._last_step = step
         rank, world_size = trainer.global_rank, trainer.world_size
-        if self.background:
-            self._collect(trainer)  # the previous estimate, deterministically, before the next one
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llc-monitor")
-            snapshot = _snapshot(pl_module, trainer)
-            future = self._executor.submit(
-                self._estimate, snapshot, step, rank, world_size, pl_module.device, None
-            )
-            self._pending = (step, future)
-            return
         progress = _Progress(trainer, step) if self.progress else None
         local = self._estimate(pl_module, step, rank, world_size, pl_module.device, progress)
         if progress is not None:
             self.last_progress = progress.last
         self._publish(trainer, step, self._merge_ranks(trainer, local))
-
-    def _collect(self, trainer: pl.Trainer) -> None:
-        """Finish the pending background estimate (if any) and publish it at its snapshot step."""
-        if self._pending is None:
-            return
-        step, future = self._pending
-        self._pending = None
-        self._publish(trainer, step, self._merge_ranks(trainer, future.result()))
 
     def _merge_ranks(self, trainer: pl.Trainer, local: dict[str, LLCResult]) -> dict[str, LLCResult]:
         """All-gather every rank's chains and re-summarize, so all ranks hold the same estimates."""
@@ -488,38 +449,8 @@ class LLCMonitor(Callback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        # a checkpoint taken while a background estimate runs must not lose it; every rank
-        # reaches here from Trainer.save_checkpoint, so the all_gather in _collect is safe
-        if self._pending is not None and self._trainer_ref is not None:
-            self._collect(self._trainer_ref)
         return {"history": self.history.state_dict(), "last_step": self._last_step, "version": 1}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history.load_state_dict(state_dict["history"])
         self._last_step = int(state_dict["last_step"])
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._trainer_ref = trainer
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._trainer_ref = None
-
-    _trainer_ref: pl.Trainer | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        # ddp_spawn pickles the callbacks; threads, futures and the trainer do not travel
-        state = dict(self.__dict__)
-        state["_executor"] = None
-        state["_pending"] = None
-        state.pop("_trainer_ref", None)
-        return state
-
-
-def _snapshot(pl_module: pl.LightningModule, trainer: pl.Trainer) -> torch.nn.Module:
-    """A private deep copy of the module's weights and structure (the trainer is shared, not copied)."""
-    memo: dict[int, Any] = {id(trainer): trainer}
-    fabric = getattr(pl_module, "_fabric", None)
-    if fabric is not None:
-        memo[id(fabric)] = fabric
-    with torch.no_grad():
-        return copy.deepcopy(pl_module, memo)

@@ -1,0 +1,358 @@
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from devinterp_lightning import LLCMonitor
+from devinterp_lightning.sampling.estimator import estimate_llcs
+from devinterp_lightning.schedule import ExplicitSteps
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # 'examples.configs.*' import paths resolve from the repository root
+    sys.path.insert(0, str(ROOT))
+
+FAST = dict(lr=1e-3, localization=100.0, num_chains=2, num_draws=8, num_burnin_steps=2, seed=0)
+
+
+def mse(model: nn.Module, batch: Any) -> torch.Tensor:
+    x, y = batch
+    return F.mse_loss(model(x), y)
+
+
+def make_data(n: int = 96, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = x @ torch.randn(6, 2, generator=g) + 0.1 * torch.randn(n, 2, generator=g)
+    return TensorDataset(x, y)
+
+
+class Net(pl.LightningModule):
+    """Dropout and BatchNorm, so any disturbance of RNG, modes or buffers would show in the weights."""
+
+    def __init__(self, shuffle: bool = True, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.shuffle = shuffle
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(dropout))
+        self.head = nn.Linear(8, 2)
+        self.training_steps = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.training_steps += 1
+        return mse(self, batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(make_data(), batch_size=16, shuffle=self.shuffle)
+
+
+class MemoryLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.records.append((step, dict(metrics)))
+
+    def steps_of(self, key: str) -> list[int]:
+        return [s for s, m in self.records if key in m]
+
+
+def trainer(callbacks: list, tmp_path: Path | None = None, **kwargs: Any) -> pl.Trainer:
+    options = dict(
+        max_steps=12, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    if tmp_path is not None:
+        options["default_root_dir"] = str(tmp_path)
+    options.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **options)
+
+
+def probe() -> DataLoader:
+    return DataLoader(make_data(48, seed=5), batch_size=16)
+
+
+# --------------------------------------------------------------------------- schedule and logging
+def test_logs_at_scheduled_steps_to_loggers_callback_metrics_and_history():
+    logger = MemoryLogger()
+    monitor = LLCMonitor(mse, data=probe(), every_n_steps=5, **FAST)
+    pl.seed_everything(0)
+    model = Net()
+    trainer([monitor], logger=logger, log_every_n_steps=50).fit(model)
+    assert logger.steps_of("llc/mean") == [0, 5, 10]
+    assert logger.steps_of("llc/std") == [0, 5, 10]
+    assert monitor.history.steps("llc/mean") == [0, 5, 10]
+    last = monitor.history["llc/mean"][-1]
+    assert torch.is_tensor(monitor.last_results["llc"].loss_trace)
+    assert last.value == monitor.last_results["llc"].mean
+    assert last.stderr == pytest.approx(last.std / math.sqrt(2))
+    assert float(model.trainer.callback_metrics["llc/mean"]) == pytest.approx(last.value)
+    assert float(model.trainer.callback_metrics["llc/std"]) == pytest.approx(last.std)
+
+
+def test_values_equal_a_direct_estimator_call_with_the_derived_seed():
+    from devinterp_lightning.callbacks.llc_monitor import _derive_seed
+
+    data = probe()
+    monitor = LLCMonitor(mse, data=data, every_n_steps=[0], **FAST)
+    pl.seed_everything(0)
+    model = Net()
+    expected = estimate_llcs(
+        model, mse, {"llc": (data, None)}, lr=FAST["lr"], localization=FAST["localization"], num_chains=2,
+        num_draws=8, num_burnin_steps=2, seed=_derive_seed(0, 0, 0),
+    )["llc"]
+    trainer([monitor], max_steps=3).fit(model)
+    assert monitor.history["llc/mean"][0].value == expected.mean
+
+
+def test_gradient_accumulation_measures_once_per_optimizer_step():
+    logger = MemoryLogger()
+    monitor = LLCMonitor(mse, data=probe(), every_n_steps=2, **FAST)
+    model = Net()
+    trainer([monitor], logger=logger, max_steps=4, accumulate_grad_batches=3).fit(model)
+    assert model.training_steps == 12  # 4 optimizer steps x 3 micro-batches
+    assert logger.steps_of("llc/mean") == [0, 2, 4]
+
+
+def test_restriction_naming_and_cross_product():
+    monitor = LLCMonitor(
+        mse, data=probe(), every_n_steps=[4],
+        restrictions={"head": "head.*", "first": ["body.0.weight", "body.0.bias"]},
+        datasets={"other": DataLoader(make_data(32, seed=9), batch_size=16)}, cross=True, **FAST,
+    )
+    model = Net()
+    trainer([monitor], max_steps=4).fit(model)
+    expected = ["llc/mean", "llc/head/mean", "llc/first/mean", "llc/other/mean", "llc/head@other/mean",
+                "llc/first@other/mean"]
+    assert monitor.monitor_keys() == expected
+    assert monitor.history.keys() == expected
+    for key in expected:
+        assert key in model.trainer.callback_metrics
+        assert key.replace("/mean", "/std") in model.trainer.callback_metrics
+    # a restriction to fewer weights has a smaller LLC than all weights (here: a 2x8+2 head vs 98 weights)
+    assert monitor.history["llc/head/mean"][0].value < monitor.history["llc/mean"][0].value
+
+
+# --------------------------------------------------------------------------- the observer does not disturb
+def _final_state(with_monitor: bool, **monitor_kwargs: Any) -> tuple[dict[str, torch.Tensor], Any, LLCMonitor | None]:
+    pl.seed_everything(1234)
+    model = Net(shuffle=True, dropout=0.3)
+    monitor = None
+    callbacks = []
+    if with_monitor:
+        monitor = LLCMonitor(mse, every_n_steps=3, restrictions={"head": "head.*"}, **{**FAST, **monitor_kwargs})
+        callbacks.append(monitor)
+    t = trainer(callbacks, max_steps=14)
+    t.fit(model)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    optim = t.optimizers[0].state_dict()
+    return state, (optim, model.training, [m.training for m in model.modules()], torch.rand(3)), monitor
+
+
+@pytest.mark.parametrize("data", [None, "probe"])
+def test_monitor_leaves_training_bitwise_identical(data: str | None):
+    # data=None: the monitor caches the first train batches (shuffled loader) at train start;
+    # a shuffled probe loader: the estimator draws its order without touching the global RNG
+    base, (base_optim, *base_rest), _ = _final_state(False)
+    loader = None if data is None else DataLoader(make_data(48, seed=5), batch_size=16, shuffle=True)
+    watched, (optim, *rest), monitor = _final_state(True, data=loader)
+    assert monitor is not None and monitor.history.steps("llc/mean") == [0, 3, 6, 9, 12]
+    assert base.keys() == watched.keys()
+    for key in base:  # weights and BatchNorm running statistics
+        assert torch.equal(base[key], watched[key]), key
+    for pid, s in base_optim["state"].items():
+        for name, value in s.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(optim["state"][pid][name])), name
+    assert base_rest[0] == rest[0] and base_rest[1] == rest[1]  # train/eval modes
+    assert torch.equal(base_rest[2], rest[2])  # global RNG after fit
+
+
+# --------------------------------------------------------------------------- lightning integration
+def test_state_dict_round_trip_and_resume_continues_the_series(tmp_path: Path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1)
+    monitor = LLCMonitor(mse, data=probe(), every_n_steps=3, **FAST)
+    pl.seed_everything(0)
+    trainer([monitor, checkpoint], tmp_path, max_steps=6, enable_checkpointing=True).fit(Net(shuffle=False))
+    first = monitor.history.state_dict()
+    assert monitor.history.steps("llc/mean") == [0, 3, 6]
+
+    resumed = LLCMonitor(mse, data=probe(), every_n_steps=3, **FAST)
+    logger = MemoryLogger()
+    trainer([resumed], tmp_path, max_steps=12, logger=logger).fit(Net(shuffle=False), ckpt_path=str(tmp_path / "epoch=0-step=6.ckpt"))
+    assert resumed.history.steps("llc/mean") == [0, 3, 6, 9, 12]
+    assert resumed.history.state_dict()["llc/mean"][:3] == first["llc/mean"]
+    assert logger.steps_of("llc/mean") == [9, 12]  # step 6 is not measured twice
+
+    fresh = LLCMonitor(mse, data=probe(), **FAST)
+    fresh.load_state_dict(resumed.state_dict())
+    assert fresh.history.state_dict() == resumed.history.state_dict()
+
+
+def test_early_stopping_and_checkpoint_can_monitor_the_llc(tmp_path: Path):
+    monitor = LLCMonitor(mse, data=probe(), every_n_steps=2, **FAST)
+    # a threshold every estimate passes: EarlyStopping must find the key and stop at the first check
+    stopper = EarlyStopping(monitor="llc/mean", mode="max", stopping_threshold=-1e9, check_on_train_epoch_end=True)
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="llc/mean", mode="min", every_n_train_steps=2)
+    model = Net()
+    trainer([monitor, stopper, best], tmp_path, max_steps=100, enable_checkpointing=True).fit(model)
+    assert model.trainer.global_step == 6  # 96 samples / 16 = one epoch of 6 steps
+    assert stopper.stopped_epoch == 0 and model.trainer.should_stop
+    assert best.best_model_path and math.isfinite(float(best.best_model_score))
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_low_precision_runs_sample_in_float32(precision: str):
+    monitor = LLCMonitor(mse, data=probe(), every_n_steps=[0, 3], **FAST)
+    model = Net()
+    trainer([monitor], max_steps=3, precision=precision).fit(model)
+    values = monitor.history.values("llc/mean")
+    assert len(values) == 2 and all(math.isfinite(v) for v in values)
+    assert monitor.last_results["llc"].loss_trace.dtype == torch.float32
+    if precision == "bf16-true":
+        assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_progress_is_reported_through_the_estimator():
+    monitor = LLCMonitor(mse, data=probe(), every_n_steps=[2], **FAST)
+    trainer([monitor], max_steps=2, enable_progress_bar=True).fit(Net())
+    # 2 burn-in + 8 draws = 10 SGLD steps, reported up to completion
+    assert monitor.last_progress == (10, 10)
+
+
+def test_dotted_paths_for_loss_and_data():
+    monitor = LLCMonitor(
+        "examples.configs.losses.mse", data="examples.configs.dln.probe_loader", every_n_steps=[1], **FAST
+    )
+    from examples.configs import losses
+
+    assert monitor.loss_fn is losses.mse
+    from examples.configs.dln import DeepLinearNetwork
+
+    model = DeepLinearNetwork(width=16, depth=2, num_samples=128)
+    trainer([monitor], max_steps=1).fit(model)
+    assert monitor.history.steps("llc/mean") == [1]
+
+
+# --------------------------------------------------------------------------- errors, before training
+class CountingNet(Net):
+    pass
+
+
+@pytest.mark.parametrize(
+    "kwargs, kind, message",
+    [
+        (dict(restrictions={"bad": "decoder.*"}), ValueError, r"restriction 'bad' = \['decoder.\*'\] matches no parameter"),
+        (dict(data=DataLoader(TensorDataset(torch.zeros(0, 6), torch.zeros(0, 2)), batch_size=4)), ValueError, "has no batches"),
+        (dict(every_n_steps=50), ValueError, r"no step in 1..12.*raise max_steps"),
+        (dict(every_n_steps=[5, 20, 30]), ValueError, r"steps \[20, 30\] are beyond the 12"),
+        (dict(num_chains=1, every_n_steps=[1]), None, None),  # a valid config runs
+    ],
+)
+def test_bad_configuration_fails_before_training(kwargs: dict, kind: type | None, message: str | None):
+    settings = {**FAST, "data": probe(), **kwargs}
+    monitor = LLCMonitor(mse, **settings)
+    model = CountingNet()
+    if kind is None:
+        trainer([monitor], max_steps=1).fit(model)
+        return
+    with pytest.raises(kind, match=message):
+        trainer([monitor]).fit(model)
+    assert model.training_steps == 0
+
+
+def test_schedule_beyond_an_epoch_limited_run_fails_at_train_start():
+    monitor = LLCMonitor(mse, data=probe(), every_n_steps=ExplicitSteps([3, 40]), **FAST)
+    model = CountingNet()
+    with pytest.raises(ValueError, match=r"steps \[40\] are beyond the 12 optimizer steps"):
+        trainer([monitor], max_steps=-1, max_epochs=2).fit(model)
+    assert model.training_steps == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(loss_fn="examples.configs.losses.nope"), "has no attribute path 'nope'"),
+        (dict(loss_fn="nosuchpackage.loss"), "no prefix of it is an importable module"),
+        (dict(restrictions={"a/b": "head.*"}), "without '/' or '@'"),
+        (dict(restrictions={"x": "head.*"}, datasets={"x": [1]}), "used both in restrictions and in datasets"),
+        (dict(cross=True, restrictions={"x": "head.*"}), "cross=True needs both"),
+        (dict(lr=-1.0), "lr must be a positive"),
+        (dict(num_data_batches=0), "num_data_batches must be a positive"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs: dict, message: str):
+    args = {"loss_fn": mse, **FAST, **kwargs}
+    with pytest.raises((ValueError, TypeError), match=message):
+        LLCMonitor(**args)
+
+
+def test_num_chains_must_cover_the_world_size():
+    from types import SimpleNamespace
+
+    monitor = LLCMonitor(mse, data=probe(), **{**FAST, "num_chains": 1})
+    ddp_like = SimpleNamespace(strategy=SimpleNamespace(), world_size=2)  # what 2-process DDP reports
+    with pytest.raises(ValueError, match="Set num_chains >= 2"):
+        monitor.setup(ddp_like, Net(), "fit")  # type: ignore[arg-type]
+
+
+def test_sharded_strategies_are_refused_at_setup():
+    class FSDPStrategy:  # stands in for lightning's FSDPStrategy (needs CUDA to build)
+        pass
+
+    monitor = LLCMonitor(mse, data=probe(), **FAST)
+
+    class FakeTrainer:
+        strategy = FSDPStrategy()
+
+    with pytest.raises(RuntimeError, match="does not support FSDPStrategy yet.*strategy='ddp'"):
+        monitor.setup(FakeTrainer(), Net(), "fit")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- LightningCLI
+def test_lightning_cli_parses_the_example_config(monkeypatch: pytest.MonkeyPatch):
+    from lightning.pytorch.cli import LightningCLI
+
+    from devinterp_lightning.schedule import LogSpaced
+
+    monkeypatch.chdir(ROOT)
+    cli = LightningCLI(
+        args=["--config", "examples/configs/llc_monitor.yaml", "--trainer.logger=false",
+              "--trainer.enable_checkpointing=false", "--trainer.max_steps=10"],
+        run=False, save_config_callback=None,
+    )
+    monitors = [c for c in cli.trainer.callbacks if isinstance(c, LLCMonitor)]
+    assert len(monitors) == 1
+    monitor = monitors[0]
+    from examples.configs import losses
+
+    assert monitor.loss_fn is losses.mse
+    assert isinstance(monitor.schedule, LogSpaced) and monitor.schedule.per_decade == 10
+    assert monitor.monitor_keys() == ["llc/mean", "llc/first/mean", "llc/last/mean"]
+    assert (monitor.num_chains, monitor.num_draws, monitor.num_burnin_steps) == (4, 200, 50)
