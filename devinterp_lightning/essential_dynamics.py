@@ -78,27 +78,31 @@ class IncrementalPCA:
         self.rank = int(rank)
         self.max_snapshots = int(max_snapshots)
         self.tol = float(tol)
-        self.center: torch.Tensor | None = None  # (D,) float64
-        self.basis: torch.Tensor | None = None  # (D, r) float64, orthonormal columns
-        self.coords = torch.zeros(0, 0, dtype=torch.float64)  # (N, r)
-        self.residual = torch.zeros(0, dtype=torch.float64)  # (N,) squared distance to the subspace
+        # numpy float64 internally: the matrices are small (r <= rank columns) and torch's per-op
+        # overhead dominated; the D-sized products are single BLAS calls either way.
+        self.center: np.ndarray | None = None  # (D,)
+        self.basis: np.ndarray | None = None  # (D, r), orthonormal columns
+        self.coords = np.zeros((0, 0))  # (N, r)
+        self.residual = np.zeros(0)  # (N,) squared distance of each snapshot to the subspace
         self.steps: list[int] = []  # step of each stored snapshot
         self.stride = 1  # store one snapshot out of `stride` offered
         self.num_seen = 0  # snapshots offered so far (stored or not)
 
     # ---- updates ---------------------------------------------------------------------------------
-    def _check(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
-        if self.center is not None and x.numel() != self.center.numel():
+    def _check(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().to(device="cpu", dtype=torch.float64).numpy()
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        if self.center is not None and x.size != self.center.size:
             raise ValueError(
-                f"snapshot has {x.numel()} values but earlier ones had {self.center.numel()}; "
+                f"snapshot has {x.size} values but earlier ones had {self.center.size}; "
                 "the probe batch and the model's output shape must stay fixed"
             )
-        if not torch.isfinite(x).all():
+        if not np.isfinite(x).all():
             raise ValueError("snapshot contains nan/inf; the model's outputs on the probe batch diverged")
         return x
 
-    def add(self, x: torch.Tensor, step: int) -> bool:
+    def add(self, x: torch.Tensor | np.ndarray, step: int) -> bool:
         """Offer snapshot ``x`` (any shape, flattened) taken at ``step``. Returns True if stored."""
         x = self._check(x)
         seen = self.num_seen
@@ -106,10 +110,10 @@ class IncrementalPCA:
         if seen % self.stride != 0:
             return False
         if self.center is None:
-            self.center = x.clone()
-            self.basis = torch.zeros(x.numel(), 0, dtype=torch.float64)
-            self.coords = torch.zeros(1, 0, dtype=torch.float64)
-            self.residual = torch.zeros(1, dtype=torch.float64)
+            self.center = x.copy()
+            self.basis = np.zeros((x.size, 0))
+            self.coords = np.zeros((1, 0))
+            self.residual = np.zeros(1)
             self.steps = [int(step)]
             return True
         assert self.basis is not None
@@ -120,19 +124,19 @@ class IncrementalPCA:
         a2 = self.basis.T @ e
         a = a + a2
         e = e - self.basis @ a2
-        enorm = float(e.norm())
-        scale = max(float(d.norm()), 1e-300)
+        enorm = float(np.linalg.norm(e))
+        scale = max(float(np.linalg.norm(d)), 1e-300)
         n = self.coords.shape[0]
         if enorm > self.tol * scale:
-            self.basis = torch.cat([self.basis, (e / enorm)[:, None]], dim=1)
-            self.coords = torch.cat([self.coords, torch.zeros(n, 1, dtype=torch.float64)], dim=1)
-            new_row = torch.cat([a, torch.tensor([enorm], dtype=torch.float64)])
+            self.basis = np.concatenate([self.basis, (e / enorm)[:, None]], axis=1)
+            self.coords = np.concatenate([self.coords, np.zeros((n, 1))], axis=1)
+            new_row = np.concatenate([a, [enorm]])
             res = 0.0
         else:
             new_row = a
             res = enorm**2
-        self.coords = torch.cat([self.coords, new_row[None, :]], dim=0)
-        self.residual = torch.cat([self.residual, torch.tensor([res], dtype=torch.float64)])
+        self.coords = np.concatenate([self.coords, new_row[None, :]], axis=0)
+        self.residual = np.concatenate([self.residual, [res]])
         self.steps.append(int(step))
         if self.basis.shape[1] > self.rank:
             self._truncate()
@@ -142,14 +146,15 @@ class IncrementalPCA:
 
     def _truncate(self) -> None:
         assert self.basis is not None and self.center is not None
-        mean = self.coords.mean(dim=0)
+        mean = self.coords.mean(axis=0)
         centered = self.coords - mean
-        _, _, vh = torch.linalg.svd(centered, full_matrices=False)
-        # N >= r + 1 here (see __init__), so vh is a full r x r rotation.
-        w = vh.T  # principal axes of the coordinates, by decreasing variance
+        # Principal axes of the coordinates from the r x r scatter matrix (N >= r + 1 here, see
+        # __init__), by decreasing variance.
+        _, w = np.linalg.eigh(centered.T @ centered)
+        w = w[:, ::-1]
         keep = w[:, : self.rank]
         dropped = centered @ w[:, self.rank :]
-        self.residual = self.residual + (dropped**2).sum(dim=1)
+        self.residual = self.residual + (dropped**2).sum(axis=1)
         self.center = self.center + self.basis @ mean
         self.basis = self.basis @ keep
         self.coords = centered @ keep
@@ -157,11 +162,9 @@ class IncrementalPCA:
     def _thin(self) -> None:
         # Keep the snapshots whose offer index is a multiple of the doubled stride (the first one
         # included), so spacing stays uniform.
-        offer_index = [k * self.stride for k in range(len(self.steps))]
-        keep = [i for i, k in enumerate(offer_index) if k % (2 * self.stride) == 0]
-        idx = torch.tensor(keep, dtype=torch.long)
-        self.coords = self.coords[idx]
-        self.residual = self.residual[idx]
+        keep = [i for i in range(len(self.steps)) if (i * self.stride) % (2 * self.stride) == 0]
+        self.coords = self.coords[keep]
+        self.residual = self.residual[keep]
         self.steps = [self.steps[i] for i in keep]
         self.stride *= 2
 
@@ -169,42 +172,46 @@ class IncrementalPCA:
     def __len__(self) -> int:
         return len(self.steps)
 
-    def components(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def components(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Top-``k`` PCA of the stored snapshots.
 
         Returns ``(scores, axes, variances)``: ``scores`` (``N x k``) are the coordinates of every
         stored snapshot on the current principal components, ``axes`` (``r x k``) express the
         components in the internal basis (the ``D``-space direction is ``basis @ axes``) and
-        ``variances`` (``k``) the variance along each. Missing components (fewer snapshots than
-        ``k + 1``) are zero columns. Signs are fixed so that the first stored snapshot has a
-        non-positive score (the trajectory runs towards the positive side).
+        ``variances`` (``k``) the variance along each (divided by ``N``). Missing components (fewer
+        snapshots than ``k + 1``) are zero columns. Signs are fixed so that the first stored
+        snapshot has a non-positive score: the trajectory runs towards the positive side (the first
+        snapshot of a drifting trajectory sits at an extreme of every component, so this is stable).
         """
         n, r = self.coords.shape
-        scores = torch.zeros(n, k, dtype=torch.float64)
-        axes = torch.zeros(r, k, dtype=torch.float64)
-        variances = torch.zeros(k, dtype=torch.float64)
+        scores = np.zeros((n, k))
+        axes = np.zeros((r, k))
+        variances = np.zeros(k)
         if n < 2 or r == 0:
             return scores, axes, variances
-        centered = self.coords - self.coords.mean(dim=0)
-        _, s, vh = torch.linalg.svd(centered, full_matrices=False)
+        centered = self.coords - self.coords.mean(axis=0)
+        _, s, vh = np.linalg.svd(centered, full_matrices=False)
         m = min(k, vh.shape[0])
         w = vh[:m].T
         sc = centered @ w
-        sign = torch.where(sc[0] > 0, -1.0, 1.0).to(torch.float64)
+        sign = np.where(sc[0] > 0, -1.0, 1.0)
         scores[:, :m] = sc * sign
         axes[:, :m] = w * sign
         variances[:m] = s[:m] ** 2 / n
         return scores, axes, variances
 
-    def project(self, x: torch.Tensor, k: int) -> torch.Tensor:
+    def project(self, x: torch.Tensor | np.ndarray, k: int) -> np.ndarray:
         """Scores of an arbitrary vector on the current top-``k`` components (same signs as
         :meth:`components`)."""
         x = self._check(x)
-        _, axes, _ = self.components(k)
         if self.basis is None or self.center is None:
-            return torch.zeros(k, dtype=torch.float64)
+            return np.zeros(k)
+        _, axes, _ = self.components(k)
         a = self.basis.T @ (x - self.center)
-        return (a - self.coords.mean(dim=0)) @ axes
+        return (a - self.coords.mean(axis=0)) @ axes
+
+    def _total_spread(self) -> float:
+        return float(((self.coords - self.coords.mean(axis=0)) ** 2).sum() + self.residual.sum())
 
     @property
     def residual_fraction(self) -> float:
@@ -212,41 +219,46 @@ class IncrementalPCA:
         bound): ``sum_i residual_i / (sum_i residual_i + sum_i |a_i - mean(a)|^2)``."""
         if len(self.steps) < 2:
             return 0.0
-        spread = float(((self.coords - self.coords.mean(dim=0)) ** 2).sum())
-        res = float(self.residual.sum())
-        total = spread + res
-        return res / total if total > 0 else 0.0
+        total = self._total_spread()
+        return float(self.residual.sum()) / total if total > 0 else 0.0
 
-    def explained_variance_ratio(self, k: int) -> torch.Tensor:
-        """Share of the total spread (including the truncated residual) on each top-``k`` component."""
+    def explained_variance_ratio(self, k: int) -> np.ndarray:
+        """Share of the total spread (truncated residual included) on each of the top-``k`` components."""
         _, _, var = self.components(k)
-        n = max(len(self.steps), 1)
-        total = float(((self.coords - self.coords.mean(dim=0)) ** 2).sum() + self.residual.sum()) / n
-        return var / total if total > 0 else torch.zeros_like(var)
+        total = self._total_spread() / max(len(self.steps), 1)
+        return var / total if total > 0 else np.zeros_like(var)
 
     # ---- persistence -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only (loadable by ``torch.load(weights_only=True)``)."""
+
+        def t(a: np.ndarray | None) -> torch.Tensor | None:
+            return None if a is None else torch.from_numpy(a.copy())
+
         return {
             "rank": self.rank,
             "max_snapshots": self.max_snapshots,
             "tol": self.tol,
-            "center": None if self.center is None else self.center.clone(),
-            "basis": None if self.basis is None else self.basis.clone(),
-            "coords": self.coords.clone(),
-            "residual": self.residual.clone(),
+            "center": t(self.center),
+            "basis": t(self.basis),
+            "coords": t(self.coords),
+            "residual": t(self.residual),
             "steps": list(self.steps),
             "stride": self.stride,
             "num_seen": self.num_seen,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        def a(v: Any) -> np.ndarray | None:
+            return None if v is None else np.array(torch.as_tensor(v, dtype=torch.float64).numpy(), copy=True)
+
         self.rank = int(state["rank"])
         self.max_snapshots = int(state["max_snapshots"])
         self.tol = float(state["tol"])
-        self.center = None if state["center"] is None else state["center"].to(torch.float64).clone()
-        self.basis = None if state["basis"] is None else state["basis"].to(torch.float64).clone()
-        self.coords = state["coords"].to(torch.float64).clone()
-        self.residual = state["residual"].to(torch.float64).clone()
+        self.center = a(state["center"])
+        self.basis = a(state["basis"])
+        self.coords = a(state["coords"])  # type: ignore[assignment]
+        self.residual = a(state["residual"])  # type: ignore[assignment]
         self.steps = [int(s) for s in state["steps"]]
         self.stride = int(state["stride"])
         self.num_seen = int(state["num_seen"])

@@ -169,7 +169,7 @@ class EssentialDynamics(Callback):
     def trajectory(self) -> tuple[list[int], np.ndarray]:
         """``(steps, scores)``: all stored snapshots on the current top components (``N x k``)."""
         scores, _, _ = self.pca.components(self.num_components)
-        return list(self.pca.steps), scores.numpy()
+        return list(self.pca.steps), scores
 
     # ---- snapshot --------------------------------------------------------------------------------
     def _resolve_probe(self) -> Any:

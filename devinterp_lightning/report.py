@@ -1,0 +1,356 @@
+"""Read a run's TensorBoard event files and write a self-contained HTML report.
+
+The event files are read record by record (TFRecord framing, ``Event`` protos from the
+``tensorboard`` package) rather than through ``EventAccumulator``, for two reasons: progress can
+be reported in bytes read, and no scalar is dropped (``EventAccumulator`` keeps a reservoir sample
+of 10,000 points per tag by default).
+
+The report (one HTML file, figures embedded as base64 PNG) shows: loss curves (scalar tags
+containing "loss"), LLC curves (``llc/mean`` with its ``llc/std`` band) and restricted LLCs
+(``llc/<name>/mean``), stage indices (``stage/...index``) and the transitions written as text,
+the essential-dynamics trajectory (``ed/pc*``) and the images found in the log (e.g. the
+``ed/trajectory`` image, drawn on the final PCA basis).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["ReportError", "RunData", "find_runs", "read_run", "write_report"]
+
+Progress = Callable[[int, int], None]  # (bytes_done, bytes_total)
+
+
+class ReportError(Exception):
+    """A problem with the user's input (no run found, unreadable file); the message says the fix."""
+
+
+@dataclass
+class RunData:
+    """Everything read from one run directory."""
+
+    path: Path
+    scalars: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)  # tag -> (step, value, wall)
+    texts: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # tag -> (step, text)
+    images: dict[str, list[tuple[int, bytes]]] = field(default_factory=dict)  # tag -> (step, png bytes)
+    num_events: int = 0
+
+    def is_empty(self) -> bool:
+        return not (self.scalars or self.texts or self.images)
+
+    def series(self, tag: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, values)`` of a scalar tag, sorted by step; a step written twice (a resumed run)
+        keeps its latest value."""
+        latest: dict[int, tuple[float, float]] = {}
+        for step, value, wall in self.scalars.get(tag, []):
+            if step not in latest or wall >= latest[step][1]:
+                latest[step] = (value, wall)
+        steps = np.array(sorted(latest), dtype=np.int64)
+        return steps, np.array([latest[s][0] for s in steps], dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+def _event_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and "tfevents" in p.name)
+
+
+def find_runs(logdir: str | os.PathLike[str]) -> list[Path]:
+    """Directories under ``logdir`` (itself included) that hold TensorBoard event files."""
+    root = Path(logdir)
+    if not root.exists():
+        raise ReportError(f"{root} does not exist; pass the directory your TensorBoardLogger wrote to")
+    if not root.is_dir():
+        raise ReportError(f"{root} is not a directory; pass the directory that holds the events.out.tfevents.* files")
+    runs = sorted({p.parent for p in root.rglob("*tfevents*") if p.is_file()})
+    if not runs:
+        raise ReportError(
+            f"no TensorBoard event files (events.out.tfevents.*) under {root}; pass the logger's save_dir "
+            "or version directory (e.g. lightning_logs/version_0) of a run that used a TensorBoardLogger"
+        )
+    return runs
+
+
+def _records(path: Path, on_bytes: Callable[[int], None]):
+    """Yield the payload of each TFRecord in ``path``; stop quietly at a truncated tail (a run that is
+    still writing)."""
+    with open(path, "rb") as fh:
+        while True:
+            header = fh.read(12)
+            if len(header) < 12:
+                return
+            (length,) = struct.unpack("<Q", header[:8])
+            data = fh.read(length)
+            crc = fh.read(4)
+            if len(data) < length or len(crc) < 4:
+                return
+            on_bytes(12 + length + 4)
+            yield data
+
+
+def read_run(directory: str | os.PathLike[str], progress: Progress | None = None) -> RunData:
+    """Read every event file in ``directory`` (not its subdirectories)."""
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.util import tensor_util
+
+    directory = Path(directory)
+    files = _event_files(directory)
+    total = sum(p.stat().st_size for p in files)
+    done = 0
+    run = RunData(path=directory)
+
+    def on_bytes(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    for path in files:
+        for record in _records(path, on_bytes):
+            try:
+                event = event_pb2.Event.FromString(record)
+            except Exception:  # a corrupt record: skip it, keep the rest of the log
+                continue
+            run.num_events += 1
+            if not event.HasField("summary"):
+                continue
+            step, wall = int(event.step), float(event.wall_time)
+            for value in event.summary.value:
+                plugin = value.metadata.plugin_data.plugin_name
+                kind = value.WhichOneof("value")
+                if kind == "simple_value":
+                    run.scalars.setdefault(value.tag, []).append((step, float(value.simple_value), wall))
+                elif kind == "image":
+                    run.images.setdefault(value.tag, []).append((step, bytes(value.image.encoded_image_string)))
+                elif kind == "tensor":
+                    arr = tensor_util.make_ndarray(value.tensor)
+                    if plugin == "text":
+                        items = [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in arr.reshape(-1)]
+                        run.texts.setdefault(value.tag, []).append((step, "\n".join(items)))
+                    elif plugin == "scalars" or arr.size == 1 and arr.dtype.kind in "fiu":
+                        run.scalars.setdefault(value.tag, []).append((step, float(arr.reshape(-1)[0]), wall))
+                    elif plugin == "images" and arr.dtype.kind in "SO" and arr.size >= 3:
+                        run.images.setdefault(value.tag, []).append((step, bytes(arr.reshape(-1)[2])))
+    if progress is not None:
+        progress(total, total)
+    return run
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    _plt().close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _transition_steps(run: RunData) -> list[int]:
+    steps: set[int] = set()
+    for tag, items in run.texts.items():
+        if "transition" in tag or "turning" in tag or tag.startswith("stage"):
+            steps.update(s for s, _ in items)
+    return sorted(steps)
+
+
+def _stage_tags(run: RunData) -> list[str]:
+    return sorted(t for t in run.scalars if "stage/" in t and "index" in t)
+
+
+def _shade_stages(ax, run: RunData) -> None:
+    tags = _stage_tags(run)
+    if not tags:
+        return
+    steps, idx = run.series(tags[0])
+    if len(steps) == 0:
+        return
+    cmap = _plt().get_cmap("Pastel1")
+    start = 0
+    for i in range(1, len(steps) + 1):
+        if i == len(steps) or idx[i] != idx[start]:
+            end = steps[i] if i < len(steps) else steps[-1]
+            ax.axvspan(steps[start], end, color=cmap(int(idx[start]) % 9), alpha=0.5, lw=0, zorder=0)
+            start = i
+
+
+def _curve_figure(run: RunData, tags: list[str], title: str, ylabel: str, bands: dict[str, str] | None = None) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    _shade_stages(ax, run)
+    for tag in tags:
+        steps, vals = run.series(tag)
+        (line,) = ax.plot(steps, vals, lw=1.2, label=tag, marker="." if len(steps) < 60 else None)
+        band = (bands or {}).get(tag)
+        if band and band in run.scalars:
+            bs, bv = run.series(band)
+            common, ia, ib = np.intersect1d(steps, bs, return_indices=True)
+            ax.fill_between(common, vals[ia] - bv[ib], vals[ia] + bv[ib], color=line.get_color(), alpha=0.2, lw=0)
+    for s in _transition_steps(run):
+        ax.axvline(s, color="crimson", lw=0.8, ls="--", alpha=0.7)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _ed_figure(run: RunData, pcs: list[str]) -> str:
+    plt = _plt()
+    series = [run.series(t) for t in pcs[:3]]
+    steps = series[0][0]
+    for s, _ in series[1:]:
+        steps = np.intersect1d(steps, s)
+    coords = np.stack([v[np.searchsorted(s, steps)] for s, v in series], axis=1)
+    pairs = [(a, b) for a in range(len(series)) for b in range(a + 1, len(series))]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4.0), squeeze=False)
+    for ax, (a, b) in zip(axes[0], pairs, strict=True):
+        ax.plot(coords[:, a], coords[:, b], color="0.7", lw=0.8)
+        sc = ax.scatter(coords[:, a], coords[:, b], c=steps, cmap="viridis", s=10)
+        ax.set_xlabel(pcs[a].split("/")[-1].upper())
+        ax.set_ylabel(pcs[b].split("/")[-1].upper())
+    fig.colorbar(sc, ax=axes[0].tolist(), label="step")
+    fig.suptitle("logged ed/pc* (each point on the PCA basis of its own time)")
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------------------
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.5em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+img{max-width:100%}pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.85em}
+table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:.2em .6em}
+.muted{color:#777}
+"""
+
+
+def _img(b64: str, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+
+
+def _run_section(run: RunData, logdir: Path) -> str:
+    out: list[str] = []
+    rel = run.path.relative_to(logdir) if run.path != logdir and logdir in run.path.parents else run.path.name
+    steps_all = [s for items in run.scalars.values() for s, _, _ in items]
+    span = f"steps {min(steps_all)}..{max(steps_all)}" if steps_all else "no scalars"
+    out.append(f"<h2>Run <code>{html.escape(str(rel))}</code></h2>")
+    out.append(f'<p class="muted">{run.num_events} events, {len(run.scalars)} scalar tags, {span}.</p>')
+
+    loss_tags = sorted(t for t in run.scalars if "loss" in t.lower())
+    if loss_tags:
+        out.append("<h3>Loss</h3>" + _img(_curve_figure(run, loss_tags, "loss", "loss"), "loss curves"))
+
+    llc_tags = sorted(t for t in run.scalars if t.startswith("llc/") and t.endswith("mean"))
+    bands = {t: t[: -len("mean")] + "std" for t in llc_tags}
+    main = [t for t in llc_tags if t == "llc/mean"]
+    restricted = [t for t in llc_tags if t != "llc/mean"]
+    if main:
+        out.append("<h3>LLC</h3>" + _img(_curve_figure(run, main, "local learning coefficient (±1 std across chains)", "LLC", bands), "LLC"))
+    if restricted:
+        out.append(
+            "<h3>Restricted LLCs</h3>"
+            + _img(_curve_figure(run, restricted, "restricted LLCs (±1 std)", "LLC", bands), "restricted LLCs")
+        )
+    other_llc = sorted(t for t in run.scalars if t.startswith("llc/") and t not in llc_tags and not t.endswith("std"))
+    if other_llc:
+        out.append(f'<p class="muted">other LLC diagnostics logged: {html.escape(", ".join(other_llc))}</p>')
+
+    stage_tags = _stage_tags(run)
+    text_tags = sorted(run.texts)
+    if stage_tags or text_tags:
+        out.append("<h3>Stages and transitions</h3>")
+        if stage_tags:
+            out.append(_img(_curve_figure(run, stage_tags, "stage index", "stage"), "stages"))
+        for tag in text_tags:
+            out.append(f"<h4><code>{html.escape(tag.removesuffix('/text_summary'))}</code></h4>")
+            for step, text in run.texts[tag]:
+                out.append(f'<p class="muted">step {step}</p><pre>{html.escape(text)}</pre>')
+
+    pcs = sorted((t for t in run.scalars if t.startswith("ed/pc")), key=lambda t: (len(t), t))
+    ed_images = {t: v for t, v in run.images.items() if t.startswith("ed/")}
+    if len(pcs) >= 2 or ed_images:
+        out.append("<h3>Essential dynamics</h3>")
+        for tag, items in sorted(ed_images.items()):
+            step, png = max(items, key=lambda i: i[0])
+            out.append(f'<p class="muted"><code>{html.escape(tag)}</code> at step {step} (final PCA basis)</p>')
+            out.append(_img(base64.b64encode(png).decode("ascii"), tag))
+        if len(pcs) >= 2:
+            out.append(_img(_ed_figure(run, pcs), "logged PC coordinates"))
+        if "ed/explained_variance" in run.scalars:
+            steps, vals = run.series("ed/explained_variance")
+            out.append(f'<p class="muted">variance explained by the top components at the end: {vals[-1]:.1%}</p>')
+
+    other_images = {t: v for t, v in run.images.items() if not t.startswith("ed/")}
+    if other_images:
+        out.append("<h3>Other images</h3>")
+        for tag, items in sorted(other_images.items()):
+            step, png = max(items, key=lambda i: i[0])
+            out.append(f'<p class="muted"><code>{html.escape(tag)}</code> at step {step}</p>')
+            out.append(_img(base64.b64encode(png).decode("ascii"), tag))
+
+    shown = set(loss_tags) | set(llc_tags) | set(stage_tags) | set(pcs) | {"ed/explained_variance"}
+    rest = sorted(t for t in run.scalars if t not in shown and not t.startswith("llc/"))
+    if rest:
+        out.append(f'<p class="muted">other scalar tags (not plotted): {html.escape(", ".join(rest))}</p>')
+    return "\n".join(out)
+
+
+def write_report(
+    logdir: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Path:
+    """Read every run under ``logdir`` and write one self-contained HTML report.
+
+    ``output`` defaults to ``logdir/report.html``. ``progress(run_name, bytes_done, bytes_total)`` is
+    called while reading. Raises :class:`ReportError` when ``logdir`` holds no run.
+    """
+    logdir = Path(logdir).resolve()
+    runs_paths = find_runs(logdir)
+    runs = []
+    for path in runs_paths:
+        name = str(path.relative_to(logdir)) if path != logdir else path.name
+        cb = (lambda d, t, _n=name: progress(_n, d, t)) if progress is not None else None
+        run = read_run(path, cb)
+        if not run.is_empty():
+            runs.append(run)
+    if not runs:
+        raise ReportError(
+            f"the event files under {logdir} hold no scalars, text or images; the run may not have logged "
+            "anything yet (loggers flush every few seconds) - train longer or call logger.finalize()"
+        )
+    out_path = Path(output) if output is not None else logdir / "report.html"
+    body = "\n".join(_run_section(r, logdir) for r in runs)
+    doc = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>devinterp-lightning report: {html.escape(logdir.name)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>devinterp-lightning report</h1><p class='muted'>{html.escape(str(logdir))} &middot; "
+        f"generated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>{body}</body></html>"
+    )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(doc, encoding="utf-8")
+    return out_path
