@@ -216,23 +216,75 @@ def _curve_figure(run: RunData, tags: list[str], title: str, ylabel: str, bands:
     return _png(fig)
 
 
-def _ed_figure(run: RunData, pcs: list[str]) -> str:
+def _final_trajectory(run: RunData) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(steps, coords)`` from the last ``ed/trajectory_final`` text (CSV written by EssentialDynamics
+    at the end of training), or None."""
+    items = [v for t, v in run.texts.items() if t.startswith("ed/trajectory_final")]
+    if not items or not items[0]:
+        return None
+    text = max(items[0], key=lambda i: i[0])[1]
+    rows = []
+    for line in text.splitlines():
+        parts = line.strip().split(",")
+        try:
+            rows.append([float(p) for p in parts])
+        except ValueError:
+            continue
+    if len(rows) < 3 or len({len(r) for r in rows}) != 1 or len(rows[0]) < 3:
+        return None
+    arr = np.array(rows)
+    return arr[:, 0].astype(np.int64), arr[:, 1:]
+
+
+def _turning_steps(run: RunData) -> list[int]:
+    out: list[int] = []
+    for tag, items in run.texts.items():
+        if tag.startswith("ed/turning_points"):
+            for _, text in items:
+                for line in text.splitlines():
+                    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+                    if len(cells) >= 2 and cells[1].isdigit():
+                        out.append(int(cells[1]))
+    return sorted(set(out))
+
+
+def _ed_figure(run: RunData, pcs: list[str]) -> tuple[str, bool]:
+    """Figure of the trajectory in each pair of the first three components; True when drawn on the
+    final basis (from ``ed/trajectory_final``), False when from the logged ``ed/pc*`` scalars."""
     plt = _plt()
-    series = [run.series(t) for t in pcs[:3]]
-    steps = series[0][0]
-    for s, _ in series[1:]:
-        steps = np.intersect1d(steps, s)
-    coords = np.stack([v[np.searchsorted(s, steps)] for s, v in series], axis=1)
-    pairs = [(a, b) for a in range(len(series)) for b in range(a + 1, len(series))]
+    final = _final_trajectory(run)
+    if final is not None:
+        steps, coords = final
+        names = [f"PC{i + 1}" for i in range(coords.shape[1])]
+    else:
+        series = [run.series(t) for t in pcs[:3]]
+        steps = series[0][0]
+        for s, _ in series[1:]:
+            steps = np.intersect1d(steps, s)
+        coords = np.stack([v[np.searchsorted(s, steps)] for s, v in series], axis=1)
+        names = [t.split("/")[-1].upper() for t in pcs[:3]]
+    k = min(coords.shape[1], 3)
+    pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
+    turns = _turning_steps(run)
     fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4.0), squeeze=False)
+    sc = None
     for ax, (a, b) in zip(axes[0], pairs, strict=True):
-        ax.plot(coords[:, a], coords[:, b], color="0.7", lw=0.8)
-        sc = ax.scatter(coords[:, a], coords[:, b], c=steps, cmap="viridis", s=10)
-        ax.set_xlabel(pcs[a].split("/")[-1].upper())
-        ax.set_ylabel(pcs[b].split("/")[-1].upper())
+        if final is not None:
+            ax.plot(coords[:, a], coords[:, b], color="0.7", lw=0.8, zorder=1)
+        sc = ax.scatter(coords[:, a], coords[:, b], c=steps, cmap="viridis", s=10, zorder=2)
+        for t in turns:
+            j = int(np.searchsorted(steps, t))
+            if j < len(steps) and steps[j] == t:
+                ax.scatter(coords[j, a], coords[j, b], marker="*", s=160, color="red", edgecolor="k", zorder=3)
+        ax.set_xlabel(names[a])
+        ax.set_ylabel(names[b])
     fig.colorbar(sc, ax=axes[0].tolist(), label="step")
-    fig.suptitle("logged ed/pc* (each point on the PCA basis of its own time)")
-    return _png(fig)
+    fig.suptitle(
+        "trajectory on the final PCA basis (red stars: turning points)"
+        if final is not None
+        else "logged ed/pc* (each point on the PCA basis of its own time)"
+    )
+    return _png(fig), final is not None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,12 +326,23 @@ def _run_section(run: RunData, logdir: Path) -> str:
             "<h3>Restricted LLCs</h3>"
             + _img(_curve_figure(run, restricted, "restricted LLCs (±1 std)", "LLC", bands), "restricted LLCs")
         )
+    if llc_tags:
+        rows = ["<table><tr><th>series</th><th>estimates</th><th>last step</th><th>last value</th><th>last std</th></tr>"]
+        for tag in llc_tags:
+            steps, vals = run.series(tag)
+            std = run.series(bands[tag])[1] if bands[tag] in run.scalars else np.array([])
+            last_std = f"{std[-1]:.3g}" if len(std) else "-"
+            rows.append(
+                f"<tr><td><code>{html.escape(tag)}</code></td><td>{len(steps)}</td><td>{steps[-1]}</td>"
+                f"<td>{vals[-1]:.4g}</td><td>{last_std}</td></tr>"
+            )
+        out.append("\n".join(rows) + "</table>")
     other_llc = sorted(t for t in run.scalars if t.startswith("llc/") and t not in llc_tags and not t.endswith("std"))
     if other_llc:
         out.append(f'<p class="muted">other LLC diagnostics logged: {html.escape(", ".join(other_llc))}</p>')
 
     stage_tags = _stage_tags(run)
-    text_tags = sorted(run.texts)
+    text_tags = sorted(t for t in run.texts if not t.startswith("ed/trajectory_final"))
     if stage_tags or text_tags:
         out.append("<h3>Stages and transitions</h3>")
         if stage_tags:
@@ -291,14 +354,20 @@ def _run_section(run: RunData, logdir: Path) -> str:
 
     pcs = sorted((t for t in run.scalars if t.startswith("ed/pc")), key=lambda t: (len(t), t))
     ed_images = {t: v for t, v in run.images.items() if t.startswith("ed/")}
-    if len(pcs) >= 2 or ed_images:
+    if len(pcs) >= 2 or ed_images or _final_trajectory(run) is not None:
         out.append("<h3>Essential dynamics</h3>")
         for tag, items in sorted(ed_images.items()):
             step, png = max(items, key=lambda i: i[0])
             out.append(f'<p class="muted"><code>{html.escape(tag)}</code> at step {step} (final PCA basis)</p>')
             out.append(_img(base64.b64encode(png).decode("ascii"), tag))
-        if len(pcs) >= 2:
-            out.append(_img(_ed_figure(run, pcs), "logged PC coordinates"))
+        if len(pcs) >= 2 or _final_trajectory(run) is not None:
+            fig, on_final = _ed_figure(run, pcs)
+            out.append(_img(fig, "essential-dynamics trajectory"))
+            if not on_final:
+                out.append(
+                    '<p class="muted">No ed/trajectory_final in this log (written at the end of training): '
+                    "each point above is on the PCA basis of its own time, so the curve is only indicative.</p>"
+                )
         if "ed/explained_variance" in run.scalars:
             steps, vals = run.series("ed/explained_variance")
             out.append(f'<p class="muted">variance explained by the top components at the end: {vals[-1]:.1%}</p>')

@@ -214,8 +214,18 @@ class EssentialDynamics(Callback):
             self._record(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.image_every_n_snapshots and len(self.pca) >= 3:
+        if len(self.pca) < 3 or not trainer.is_global_zero:
+            return
+        if self.image_every_n_snapshots:
             self._write_image(trainer)
+        # The whole trajectory on the final basis, once: the logged ed/pc* scalars each sit on the
+        # basis of their own time, so they cannot be redrawn as one curve afterwards.
+        steps, scores = self.trajectory()
+        header = "step," + ",".join(f"pc{i + 1}" for i in range(scores.shape[1]))
+        lines = [f"{s}," + ",".join(f"{v:.6g}" for v in row) for s, row in zip(steps, scores, strict=True)]
+        text = "Trajectory on the final PCA basis (CSV):\n\n```\n" + "\n".join([header, *lines]) + "\n```"
+        for w in self._tb_writers(trainer):
+            w.add_text("ed/trajectory_final", text, global_step=int(trainer.global_step))
 
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = int(trainer.global_step)
