@@ -24,7 +24,7 @@ def build_stages(steps: Sequence[int], values: Sequence[float], boundaries: Iter
     s = np.asarray(steps)
     v = np.asarray(values, dtype=float)
     stages = []
-    for k, (a, b) in enumerate(zip(starts, ends)):
+    for k, (a, b) in enumerate(zip(starts, ends, strict=True)):
         inside = (s >= a) & (s < b) if b is not None else s >= a
         level = float(v[inside].mean()) if inside.any() else float("nan")
         stages.append(Stage(index=k, start_step=a, end_step=b, level=level))
