@@ -336,6 +336,36 @@ def test_callback_state_dict_round_trips(noisy_fits) -> None:
     assert fresh.state_dict()["last_step"] == 60
 
 
+def test_callback_resumes_from_a_checkpoint_as_if_never_stopped(tmp_path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    torch.manual_seed(0)
+    waypoints = torch.randn(3, 16) * 3
+
+    def run(max_steps, ckpt=None, save=False):
+        ed = EssentialDynamics(torch.ones(1, 16), every_n_steps=4, image_every_n_snapshots=0)
+        cbs = [ed]
+        if save:
+            cbs.append(ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=60))
+        trainer = pl.Trainer(
+            max_steps=max_steps, callbacks=cbs, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, accelerator="cpu", enable_checkpointing=save,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(Follower(waypoints, steps_per_segment=100), _loader(400), ckpt_path=ckpt)
+        return ed
+
+    full = run(200)
+    run(60, save=True)
+    resumed = run(200, ckpt=str(tmp_path / "last.ckpt"))
+    assert resumed.pca.steps == full.pca.steps == list(range(0, 201, 4))
+    np.testing.assert_allclose(resumed.trajectory()[1], full.trajectory()[1], rtol=1e-9, atol=1e-9)
+    assert len(full.published_transitions("ed/trajectory")) == 1  # the turn at step 100
+    assert resumed.published_transitions("ed/trajectory") == full.published_transitions("ed/trajectory")
+    assert resumed.history.steps("ed/pc1") == full.history.steps("ed/pc1")
+
+
 def test_callback_rejects_bad_arguments_early() -> None:
     with pytest.raises(ValueError, match="every_n_steps"):
         EssentialDynamics(torch.zeros(2), every_n_steps=0)

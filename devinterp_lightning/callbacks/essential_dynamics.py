@@ -161,6 +161,12 @@ class EssentialDynamics(Callback):
         self._last_step = -1
         self._probe_batch: Any = None
 
+    @property
+    def state_key(self) -> str:
+        # Two instances (e.g. different probes or intervals) must not overwrite each other's state
+        # in a checkpoint.
+        return self._generate_state_key(every_n_steps=self.every_n_steps, num_components=self.num_components)
+
     # ---- public API ------------------------------------------------------------------------------
     def published_transitions(self, monitor: str) -> list[Transition]:
         """Confirmed turning points as ``Transition(kind="turning_point")``, for ``"ed/trajectory"``."""
