@@ -67,7 +67,7 @@ def real_run(tmp_path_factory) -> Path:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 3, generator=g)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :1] * x[:, 1:2]), batch_size=8)
-    ed = EssentialDynamics(torch.randn(16, 3, generator=g), every_n_steps=4, image_every_n_snapshots=0)
+    ed = EssentialDynamics(torch.randn(16, 3, generator=g), every_n_steps=4, image_every_n_snapshots=15)
     trainer = pl.Trainer(
         max_steps=120,
         logger=TensorBoardLogger(str(logdir), name="tiny"),
@@ -81,9 +81,6 @@ def real_run(tmp_path_factory) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(TinyRun(), loader)
-    # the trajectory image at the end of training (drawn on the final basis)
-    ed.image_every_n_snapshots = 1
-    ed._write_image(trainer)
     trainer.logger.experiment.flush()
     return logdir
 
@@ -100,6 +97,7 @@ def test_reader_finds_what_the_run_logged(real_run: Path) -> None:
     assert any("changepoint_step" in text for _, text in run.texts["stage/transitions/text_summary"])
     final = run.texts["ed/trajectory_final/text_summary"][-1][1]
     assert final.count("\n") > 31 and "step,pc1,pc2,pc3" in final
+    assert [step for step, _ in run.images["ed/trajectory"]] == [56, 116, 120]  # every 15 snapshots, and the end
     png = run.images["ed/trajectory"][-1][1]
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
