@@ -26,8 +26,18 @@ def _parser() -> argparse.ArgumentParser:
         description="Read the TensorBoard event files under LOGDIR and write one HTML file (figures embedded) "
         "with the loss, LLC and restricted-LLC curves, stages and transitions, and the essential-dynamics trajectory.",
     )
-    rep.add_argument("logdir", metavar="LOGDIR", help="directory holding the run's events.out.tfevents.* files (searched recursively)")
-    rep.add_argument("-o", "--output", metavar="PATH", default=None, help="where to write the report (default: LOGDIR/report.html)")
+    rep.add_argument(
+        "logdir",
+        metavar="LOGDIR",
+        help="directory holding the run's events.out.tfevents.* files (searched recursively)",
+    )
+    rep.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        default=None,
+        help="where to write the report (default: LOGDIR/report.html)",
+    )
     rep.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     return parser
 

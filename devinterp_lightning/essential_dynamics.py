@@ -383,7 +383,9 @@ def pair_vertices(
             continue
         if min_snr > 0:
             noise = math.sqrt(float(res2[lo : hi + 1].mean()))
-            legs = min(np.linalg.norm(geo.points[i] - geo.points[lo]), np.linalg.norm(geo.points[hi] - geo.points[i]))
+            legs = min(
+                np.linalg.norm(geo.points[i] - geo.points[lo]), np.linalg.norm(geo.points[hi] - geo.points[i])
+            )
             if legs < min_snr * noise:
                 continue
         cands.append((i, turn, float(ak[i])))

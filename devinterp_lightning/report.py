@@ -40,7 +40,9 @@ class RunData:
     """Everything read from one run directory."""
 
     path: Path
-    scalars: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)  # tag -> (step, value, wall)
+    scalars: dict[str, list[tuple[int, float, float]]] = field(
+        default_factory=dict
+    )  # tag -> (step, value, wall)
     texts: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # tag -> (step, text)
     images: dict[str, list[tuple[int, bytes]]] = field(default_factory=dict)  # tag -> (step, png bytes)
     num_events: int = 0
@@ -72,7 +74,9 @@ def find_runs(logdir: str | os.PathLike[str]) -> list[Path]:
     if not root.exists():
         raise ReportError(f"{root} does not exist; pass the directory your TensorBoardLogger wrote to")
     if not root.is_dir():
-        raise ReportError(f"{root} is not a directory; pass the directory that holds the events.out.tfevents.* files")
+        raise ReportError(
+            f"{root} is not a directory; pass the directory that holds the events.out.tfevents.* files"
+        )
     runs = sorted({p.parent for p in root.rglob("*tfevents*") if p.is_file()})
     if not runs:
         raise ReportError(
@@ -132,11 +136,16 @@ def read_run(directory: str | os.PathLike[str], progress: Progress | None = None
                 if kind == "simple_value":
                     run.scalars.setdefault(value.tag, []).append((step, float(value.simple_value), wall))
                 elif kind == "image":
-                    run.images.setdefault(value.tag, []).append((step, bytes(value.image.encoded_image_string)))
+                    run.images.setdefault(value.tag, []).append(
+                        (step, bytes(value.image.encoded_image_string))
+                    )
                 elif kind == "tensor":
                     arr = tensor_util.make_ndarray(value.tensor)
                     if plugin == "text":
-                        items = [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in arr.reshape(-1)]
+                        items = [
+                            x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
+                            for x in arr.reshape(-1)
+                        ]
                         run.texts.setdefault(value.tag, []).append((step, "\n".join(items)))
                     elif plugin == "scalars" or arr.size == 1 and arr.dtype.kind in "fiu":
                         run.scalars.setdefault(value.tag, []).append((step, float(arr.reshape(-1)[0]), wall))
@@ -182,7 +191,8 @@ def _shade_stages(ax, run: RunData) -> None:
     tags = _stage_tags(run)
     if not tags:
         return
-    steps, idx = run.series(tags[0])
+    # The main monitor's stages ("stage/index") shade the curves; other monitors have their own tags.
+    steps, idx = run.series("stage/index" if "stage/index" in tags else tags[0])
     if len(steps) == 0:
         return
     cmap = _plt().get_cmap("Pastel1")
@@ -194,7 +204,9 @@ def _shade_stages(ax, run: RunData) -> None:
             start = i
 
 
-def _curve_figure(run: RunData, tags: list[str], title: str, ylabel: str, bands: dict[str, str] | None = None) -> str:
+def _curve_figure(
+    run: RunData, tags: list[str], title: str, ylabel: str, bands: dict[str, str] | None = None
+) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 3.6))
     _shade_stages(ax, run)
@@ -205,7 +217,9 @@ def _curve_figure(run: RunData, tags: list[str], title: str, ylabel: str, bands:
         if band and band in run.scalars:
             bs, bv = run.series(band)
             common, ia, ib = np.intersect1d(steps, bs, return_indices=True)
-            ax.fill_between(common, vals[ia] - bv[ib], vals[ia] + bv[ib], color=line.get_color(), alpha=0.2, lw=0)
+            ax.fill_between(
+                common, vals[ia] - bv[ib], vals[ia] + bv[ib], color=line.get_color(), alpha=0.2, lw=0
+            )
     for s in _transition_steps(run):
         ax.axvline(s, color="crimson", lw=0.8, ls="--", alpha=0.7)
     ax.set_xlabel("step")
@@ -275,7 +289,9 @@ def _ed_figure(run: RunData, pcs: list[str]) -> tuple[str, bool]:
         for t in turns:
             j = int(np.searchsorted(steps, t))
             if j < len(steps) and steps[j] == t:
-                ax.scatter(coords[j, a], coords[j, b], marker="*", s=160, color="red", edgecolor="k", zorder=3)
+                ax.scatter(
+                    coords[j, a], coords[j, b], marker="*", s=160, color="red", edgecolor="k", zorder=3
+                )
         ax.set_xlabel(names[a])
         ax.set_ylabel(names[b])
     fig.colorbar(sc, ax=axes[0].tolist(), label="step")
@@ -299,6 +315,40 @@ table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;paddin
 """
 
 
+def _markdown(text: str) -> str:
+    """Markdown as written by the sinks: pipe tables become HTML tables, fenced blocks stay
+    preformatted, other lines are paragraphs. Everything is escaped."""
+    out: list[str] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i].strip()
+        if line.startswith("```"):
+            j = i + 1
+            while j < len(lines) and not lines[j].strip().startswith("```"):
+                j += 1
+            out.append("<pre>" + html.escape("\n".join(lines[i + 1 : j])) + "</pre>")
+            i = j + 1
+        elif line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].strip().startswith("|"):
+                cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
+                if not all(set(c) <= set("-: ") for c in cells):  # skip the |---| separator
+                    rows.append(cells)
+                i += 1
+            head, *body = rows or [[]]
+            table = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
+            table += "".join(
+                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body
+            )
+            out.append(f"<table>{table}</table>")
+        else:
+            if line:
+                out.append(f"<p>{html.escape(line)}</p>")
+            i += 1
+    return "\n".join(out)
+
+
 def _img(b64: str, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
 
@@ -320,14 +370,24 @@ def _run_section(run: RunData, logdir: Path) -> str:
     main = [t for t in llc_tags if t == "llc/mean"]
     restricted = [t for t in llc_tags if t != "llc/mean"]
     if main:
-        out.append("<h3>LLC</h3>" + _img(_curve_figure(run, main, "local learning coefficient (±1 std across chains)", "LLC", bands), "LLC"))
+        out.append(
+            "<h3>LLC</h3>"
+            + _img(
+                _curve_figure(run, main, "local learning coefficient (±1 std across chains)", "LLC", bands),
+                "LLC",
+            )
+        )
     if restricted:
         out.append(
             "<h3>Restricted LLCs</h3>"
-            + _img(_curve_figure(run, restricted, "restricted LLCs (±1 std)", "LLC", bands), "restricted LLCs")
+            + _img(
+                _curve_figure(run, restricted, "restricted LLCs (±1 std)", "LLC", bands), "restricted LLCs"
+            )
         )
     if llc_tags:
-        rows = ["<table><tr><th>series</th><th>estimates</th><th>last step</th><th>last value</th><th>last std</th></tr>"]
+        rows = [
+            "<table><tr><th>series</th><th>estimates</th><th>last step</th><th>last value</th><th>last std</th></tr>"
+        ]
         for tag in llc_tags:
             steps, vals = run.series(tag)
             std = run.series(bands[tag])[1] if bands[tag] in run.scalars else np.array([])
@@ -337,20 +397,29 @@ def _run_section(run: RunData, logdir: Path) -> str:
                 f"<td>{vals[-1]:.4g}</td><td>{last_std}</td></tr>"
             )
         out.append("\n".join(rows) + "</table>")
-    other_llc = sorted(t for t in run.scalars if t.startswith("llc/") and t not in llc_tags and not t.endswith("std"))
+    other_llc = sorted(
+        t
+        for t in run.scalars
+        if t.startswith("llc/") and t not in llc_tags and not t.endswith(("std", "_lower", "_upper"))
+    )
     if other_llc:
         out.append(f'<p class="muted">other LLC diagnostics logged: {html.escape(", ".join(other_llc))}</p>')
 
     stage_tags = _stage_tags(run)
     text_tags = sorted(t for t in run.texts if not t.startswith("ed/trajectory_final"))
-    if stage_tags or text_tags:
+    if stage_tags or text_tags or any(t.startswith("stage") for t in run.images):
         out.append("<h3>Stages and transitions</h3>")
         if stage_tags:
             out.append(_img(_curve_figure(run, stage_tags, "stage index", "stage"), "stages"))
         for tag in text_tags:
             out.append(f"<h4><code>{html.escape(tag.removesuffix('/text_summary'))}</code></h4>")
             for step, text in run.texts[tag]:
-                out.append(f'<p class="muted">step {step}</p><pre>{html.escape(text)}</pre>')
+                out.append(f'<p class="muted">step {step}</p>{_markdown(text)}')
+        for tag, items in sorted(run.images.items()):
+            if tag.startswith("stage"):
+                step, png = max(items, key=lambda i: i[0])
+                out.append(f'<p class="muted"><code>{html.escape(tag)}</code> at step {step}</p>')
+                out.append(_img(base64.b64encode(png).decode("ascii"), tag))
 
     pcs = sorted((t for t in run.scalars if t.startswith("ed/pc")), key=lambda t: (len(t), t))
     ed_images = {t: v for t, v in run.images.items() if t.startswith("ed/")}
@@ -358,7 +427,9 @@ def _run_section(run: RunData, logdir: Path) -> str:
         out.append("<h3>Essential dynamics</h3>")
         for tag, items in sorted(ed_images.items()):
             step, png = max(items, key=lambda i: i[0])
-            out.append(f'<p class="muted"><code>{html.escape(tag)}</code> at step {step} (final PCA basis)</p>')
+            out.append(
+                f'<p class="muted"><code>{html.escape(tag)}</code> at step {step} (final PCA basis)</p>'
+            )
             out.append(_img(base64.b64encode(png).decode("ascii"), tag))
         if len(pcs) >= 2 or _final_trajectory(run) is not None:
             fig, on_final = _ed_figure(run, pcs)
@@ -370,9 +441,11 @@ def _run_section(run: RunData, logdir: Path) -> str:
                 )
         if "ed/explained_variance" in run.scalars:
             steps, vals = run.series("ed/explained_variance")
-            out.append(f'<p class="muted">variance explained by the top components at the end: {vals[-1]:.1%}</p>')
+            out.append(
+                f'<p class="muted">variance explained by the top components at the end: {vals[-1]:.1%}</p>'
+            )
 
-    other_images = {t: v for t, v in run.images.items() if not t.startswith("ed/")}
+    other_images = {t: v for t, v in run.images.items() if not t.startswith(("ed/", "stage"))}
     if other_images:
         out.append("<h3>Other images</h3>")
         for tag, items in sorted(other_images.items()):

@@ -147,7 +147,9 @@ def test_circle_has_curvature_one_over_radius_and_its_evolute_is_the_centre() ->
     inner = slice(10, -10)
     np.testing.assert_allclose(geo.curvature[inner], 1 / r, rtol=3e-3)  # counter-clockwise: positive
     np.testing.assert_allclose(geo.curvature, 1 / r, rtol=1e-2)
-    np.testing.assert_allclose(geo.evolute[inner], np.broadcast_to(centre, geo.evolute[inner].shape), atol=1e-2)
+    np.testing.assert_allclose(
+        geo.evolute[inner], np.broadcast_to(centre, geo.evolute[inner].shape), atol=1e-2
+    )
     geo_cw = planar_geometry(xy[::-1], sigma=2.0)
     np.testing.assert_allclose(geo_cw.curvature[inner], -1 / r, rtol=3e-3)
 
@@ -285,7 +287,9 @@ def test_callback_publishes_the_known_turns_of_a_trained_trajectory() -> None:
 class Noisy(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 1))
+        self.net = nn.Sequential(
+            nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 1)
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -303,8 +307,14 @@ def _fit_noisy(with_callback: bool):
     model = Noisy()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(128, 4, generator=g)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16, shuffle=True)
-    cbs = [EssentialDynamics(torch.randn(8, 4, generator=g), every_n_steps=3, image_every_n_snapshots=10)] if with_callback else []
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16, shuffle=True
+    )
+    cbs = (
+        [EssentialDynamics(torch.randn(8, 4, generator=g), every_n_steps=3, image_every_n_snapshots=10)]
+        if with_callback
+        else []
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _trainer(60, cbs).fit(model, loader)
@@ -348,8 +358,13 @@ def test_callback_resumes_from_a_checkpoint_as_if_never_stopped(tmp_path) -> Non
         if save:
             cbs.append(ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=60))
         trainer = pl.Trainer(
-            max_steps=max_steps, callbacks=cbs, logger=False, enable_progress_bar=False,
-            enable_model_summary=False, accelerator="cpu", enable_checkpointing=save,
+            max_steps=max_steps,
+            callbacks=cbs,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            enable_checkpointing=save,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -379,7 +394,12 @@ def test_callback_rejects_bad_arguments_early() -> None:
     with pytest.raises(ValueError, match="every_n_steps=100"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _trainer(20, [ed]).fit(Noisy(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(8, 4), torch.zeros(8, 1)), batch_size=4))
+            _trainer(20, [ed]).fit(
+                Noisy(),
+                torch.utils.data.DataLoader(
+                    torch.utils.data.TensorDataset(torch.zeros(8, 4), torch.zeros(8, 1)), batch_size=4
+                ),
+            )
 
 
 def test_callable_probe_and_forward_fn() -> None:
@@ -389,7 +409,9 @@ def test_callable_probe_and_forward_fn() -> None:
         calls.append(1)
         return {"x": torch.ones(3, 4)}
 
-    ed = EssentialDynamics(probe, every_n_steps=2, forward_fn=lambda m, b: (m(b["x"]), {"h": m.net[0](b["x"])}))
+    ed = EssentialDynamics(
+        probe, every_n_steps=2, forward_fn=lambda m, b: (m(b["x"]), {"h": m.net[0](b["x"])})
+    )
     out = ed.snapshot(Noisy())
     assert out.shape == (3 * 1 + 3 * 16,) and out.dtype == torch.float64
     ed.snapshot(Noisy())

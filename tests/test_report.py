@@ -47,10 +47,11 @@ class TinyRun(pl.LightningModule):
             # repeat a value at later logging steps of the same epoch).
             llc = 2.0 + (step > 60)  # a jump at step 60
             metrics = {"llc/mean": llc, "llc/std": 0.2, "llc/net.0/mean": llc / 2, "llc/net.0/std": 0.1}
+            metrics |= {"llc/mean_lower": llc - 0.2, "llc/mean_upper": llc + 0.2, "llc/mean/rhat": 1.01}
             self.logger.log_metrics({**metrics, "stage/index": float(step > 60)}, step=step)
         if step == 80:
             self.logger.experiment.add_text(
-                "stage/transitions",
+                "stages/llc/mean",
                 "| monitor | step | changepoint_step | direction |\n|---|---|---|---|\n| llc/mean | 80 | 60 | increase |",
                 global_step=step,
             )
@@ -66,7 +67,9 @@ def real_run(tmp_path_factory) -> Path:
     pl.seed_everything(0, verbose=False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 3, generator=g)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :1] * x[:, 1:2]), batch_size=8)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, x[:, :1] * x[:, 1:2]), batch_size=8
+    )
     ed = EssentialDynamics(torch.randn(16, 3, generator=g), every_n_steps=4, image_every_n_snapshots=15)
     trainer = pl.Trainer(
         max_steps=120,
@@ -94,10 +97,11 @@ def test_reader_finds_what_the_run_logged(real_run: Path) -> None:
     assert len(run.series("train/loss")[0]) == 120
     assert {"ed/pc1", "ed/pc2", "ed/pc3", "ed/explained_variance"} <= set(run.scalars)
     assert len(run.series("ed/pc1")[0]) == 31  # step 0 and every 4th up to 120
-    assert any("changepoint_step" in text for _, text in run.texts["stage/transitions/text_summary"])
+    assert any("changepoint_step" in text for _, text in run.texts["stages/llc/mean/text_summary"])
     final = run.texts["ed/trajectory_final/text_summary"][-1][1]
     assert final.count("\n") > 31 and "step,pc1,pc2,pc3" in final
-    assert [step for step, _ in run.images["ed/trajectory"]] == [56, 116, 120]  # every 15 snapshots, and the end
+    # every 15 snapshots, and at the end
+    assert [step for step, _ in run.images["ed/trajectory"]] == [56, 116, 120]
     png = run.images["ed/trajectory"][-1][1]
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -113,6 +117,8 @@ def test_report_is_one_self_contained_html_file(real_run: Path, capsys) -> None:
         assert f"<h3>{section}</h3>" in html, section
     assert "changepoint_step" in html and "llc/net.0/mean" in html
     assert "No ed/trajectory_final" not in html  # drawn on the final basis
+    assert "<th>changepoint_step</th>" in html  # the Markdown transition table, as a table
+    assert "llc/mean/rhat" in html and "llc/mean_lower" not in html  # diagnostics listed, bands not
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
     assert len(images) >= 6  # loss, LLC, restricted, stages, ED image from the log, ED scatter
     assert all(base64.b64decode(b)[:4] == b"\x89PNG" for b in images)
@@ -157,7 +163,11 @@ def test_report_fails_clearly_on_a_directory_without_a_run(tmp_path: Path) -> No
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
     return subprocess.run(
-        [sys.executable, "-m", "devinterp_lightning.cli", *args], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "devinterp_lightning.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
 
 

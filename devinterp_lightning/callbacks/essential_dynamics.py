@@ -133,7 +133,9 @@ class EssentialDynamics(Callback):
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}")
         if num_components < 2:
-            raise ValueError(f"num_components must be >= 2 (a trajectory needs a plane), got {num_components}")
+            raise ValueError(
+                f"num_components must be >= 2 (a trajectory needs a plane), got {num_components}"
+            )
         rank = num_components + 5 if rank is None else int(rank)
         if rank < num_components:
             raise ValueError(f"rank ({rank}) must be >= num_components ({num_components})")
@@ -142,7 +144,9 @@ class EssentialDynamics(Callback):
         if not 0 < min_angle_deg < 360:
             raise ValueError(f"min_angle_deg must be in (0, 360), got {min_angle_deg}")
         if probe is None:
-            raise ValueError("probe is required: a fixed batch of inputs (Tensor/tuple/dict) or a callable returning one")
+            raise ValueError(
+                "probe is required: a fixed batch of inputs (Tensor/tuple/dict) or a callable returning one"
+            )
         self.probe = probe
         self.every_n_steps = every_n_steps
         self.schedule = EveryNSteps(every_n_steps)
@@ -180,7 +184,9 @@ class EssentialDynamics(Callback):
     # ---- snapshot --------------------------------------------------------------------------------
     def _resolve_probe(self) -> Any:
         if self._probe_batch is None:
-            probe = self.probe() if callable(self.probe) and not isinstance(self.probe, Tensor) else self.probe
+            probe = (
+                self.probe() if callable(self.probe) and not isinstance(self.probe, Tensor) else self.probe
+            )
             self._probe_batch = probe
         return self._probe_batch
 
