@@ -142,10 +142,12 @@ def test_gradient_accumulation_measures_once_per_optimizer_step():
 
 
 def test_restriction_naming_and_cross_product():
+    from devinterp_lightning.callbacks.llc_monitor import _derive_seed
+
+    data, other = probe(), DataLoader(make_data(32, seed=9), batch_size=16)
+    restrictions = {"head": "head.*", "first": ["body.0.weight", "body.0.bias"]}
     monitor = LLCMonitor(
-        mse, data=probe(), every_n_steps=[4],
-        restrictions={"head": "head.*", "first": ["body.0.weight", "body.0.bias"]},
-        datasets={"other": DataLoader(make_data(32, seed=9), batch_size=16)}, cross=True, **FAST,
+        mse, data=data, every_n_steps=[4], restrictions=restrictions, datasets={"other": other}, cross=True, **FAST,
     )
     model = Net()
     trainer([monitor], max_steps=4).fit(model)
@@ -156,8 +158,20 @@ def test_restriction_naming_and_cross_product():
     for key in expected:
         assert key in model.trainer.callback_metrics
         assert key.replace("/mean", "/std") in model.trainer.callback_metrics
-    # a restriction to fewer weights has a smaller LLC than all weights (here: a 2x8+2 head vs 98 weights)
-    assert monitor.history["llc/head/mean"][0].value < monitor.history["llc/mean"][0].value
+    # each name is the estimate of its (weights x data) job: the final weights are the step-4 snapshot
+    jobs = {
+        "llc": (data, None), "llc/head": (data, "head.*"), "llc/first": (data, restrictions["first"]),
+        "llc/other": (other, None), "llc/head@other": (other, "head.*"),
+        "llc/first@other": (other, restrictions["first"]),
+    }
+    direct = estimate_llcs(
+        model, mse, jobs, lr=FAST["lr"], localization=FAST["localization"], num_chains=2, num_draws=8,
+        num_burnin_steps=2, seed=_derive_seed(0, 4, 0),
+    )
+    for name, result in direct.items():
+        assert monitor.history[f"{name}/mean"][0].value == result.mean, name
+    # the restrictions really restrict: different jobs give different chains
+    assert len({r.mean for r in direct.values()}) == len(direct)
 
 
 # --------------------------------------------------------------------------- the observer does not disturb
@@ -240,7 +254,8 @@ def test_low_precision_runs_sample_in_float32(precision: str):
 
 
 def test_progress_is_reported_through_the_estimator():
-    monitor = LLCMonitor(mse, data=probe(), every_n_steps=[2], **FAST)
+    # step 0 runs in on_train_start, possibly before the progress bar exists; that must not fail
+    monitor = LLCMonitor(mse, data=probe(), every_n_steps=[0, 2], **FAST)
     trainer([monitor], max_steps=2, enable_progress_bar=True).fit(Net())
     # 2 burn-in + 8 draws = 10 SGLD steps, reported up to completion
     assert monitor.last_progress == (10, 10)

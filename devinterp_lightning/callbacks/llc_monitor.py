@@ -104,8 +104,13 @@ class _Progress:
         self.start = time.monotonic()
         self.last_report = self.start
         self.last: tuple[int, int] | None = None
-        bar = getattr(trainer, "progress_bar_callback", None)
-        self.bar = getattr(bar, "train_progress_bar", None) if bar is not None and trainer.is_global_zero else None
+        self.bar = None
+        callback = getattr(trainer, "progress_bar_callback", None)
+        if callback is not None and trainer.is_global_zero:
+            try:  # TQDMProgressBar raises TypeError before its bar exists (e.g. in on_train_start)
+                self.bar = getattr(callback, "train_progress_bar", None)
+            except TypeError:
+                self.bar = None
 
     def __call__(self, done: int, total: int) -> None:
         self.last = (done, total)

@@ -40,7 +40,7 @@ class DeepLinearNetwork(pl.LightningModule):
     """``depth`` bias-free linear layers of width ``width``, initialized at scale ``init_scale``."""
 
     def __init__(
-        self, width: int = 16, depth: int = 4, rank: int = 3, init_scale: float = 0.1, lr: float = 0.05,
+        self, width: int = 16, depth: int = 4, rank: int = 3, init_scale: float = 0.3, lr: float = 0.05,
         batch_size: int = 64, num_samples: int = 1024, data_seed: int = 0,
     ) -> None:
         super().__init__()
