@@ -1,0 +1,111 @@
+"""TensorBoard stage markers.
+
+TensorBoard cannot draw vertical lines on a scalar chart, so a stage is shown four ways:
+
+* ``stage/index`` (``stage/<monitor>/index`` for other monitors): a step-function scalar, sent to
+  every logger (CSV included);
+* ``<monitor>_lower`` / ``<monitor>_upper``: ``mean -+ std`` of each point, also to every logger;
+* a text entry per transition (``stages/<monitor>``, a small Markdown table) and per fired rule
+  (``rules/<name>``);
+* an image ``stages/<monitor>/curve``: the curve with shaded stages and changepoint lines;
+* one custom-scalars layout per run: the monitor with its std band (a Margin chart) next to every
+  scalar whose name contains "loss".
+
+Everything here works on ``torch.utils.tensorboard.SummaryWriter``-like objects (the
+``experiment`` of Lightning's ``TensorBoardLogger``; on ranks other than 0 Lightning hands out a
+dummy that ignores calls).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from devinterp_lightning.logging.figures import stage_figure_rgb
+from devinterp_lightning.stages.events import Stage, Transition
+
+
+def stage_index_key(monitor: str, main_monitor: str) -> str:
+    return "stage/index" if monitor == main_monitor else f"stage/{monitor}/index"
+
+
+def band_keys(monitor: str) -> tuple[str, str]:
+    """Scalar names of the std band around ``monitor``: ``llc/mean_lower``, ``llc/mean_upper``."""
+    return f"{monitor}_lower", f"{monitor}_upper"
+
+
+def band_metrics(monitor: str, value: float, std: float) -> dict[str, float]:
+    """``{lower: value - std, upper: value + std}``, or ``{}`` when ``std`` is unknown."""
+    if not math.isfinite(std):
+        return {}
+    lo, hi = band_keys(monitor)
+    return {lo: value - std, hi: value + std}
+
+
+def transition_markdown(t: Transition, stage_index: int | None = None) -> str:
+    """A two-row Markdown table describing one transition."""
+    cols = ["monitor", "kind", "direction", "onset step", "detected at", "delay", "before", "after", "change"]
+    vals = [t.monitor, t.kind, t.direction, str(t.changepoint_step), str(t.step), str(t.detection_delay),
+            f"{t.level_before:.5g}", f"{t.level_after:.5g}", f"{t.change:+.5g}"]
+    if stage_index is not None:
+        cols.append("new stage")
+        vals.append(str(stage_index))
+    return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n| " + " | ".join(vals) + " |"
+
+
+def custom_scalars_layout(monitor: str, loss_regex: str = r".*loss.*") -> dict[str, Any]:
+    """Layout for ``SummaryWriter.add_custom_scalars``: Margin chart of the monitor and its band,
+    a Multiline chart of the losses and one of the stage index."""
+    lo, hi = band_keys(monitor)
+    return {
+        "devinterp": {
+            f"{monitor} ± std": ["Margin", [monitor, lo, hi]],
+            "loss": ["Multiline", [loss_regex]],
+            "stage": ["Multiline", [r"stage/.*"]],
+        }
+    }
+
+
+class TensorBoardStageSink:
+    """Writes stage markers to a set of SummaryWriters."""
+
+    def __init__(self, writers: Iterable[Any]) -> None:
+        self.writers = list(writers)
+
+    def __bool__(self) -> bool:
+        return bool(self.writers)
+
+    def write_layout(self, monitor: str) -> None:
+        for w in self.writers:
+            w.add_custom_scalars(custom_scalars_layout(monitor))
+
+    def write_transition(self, t: Transition, step: int, stage_index: int | None = None) -> None:
+        for w in self.writers:
+            w.add_text(f"stages/{t.monitor}", transition_markdown(t, stage_index), global_step=step)
+
+    def write_rule(self, rule_name: str, text: str, step: int) -> None:
+        for w in self.writers:
+            w.add_text(f"rules/{rule_name}", text, global_step=step)
+
+    def write_curve(
+        self,
+        monitor: str,
+        steps: Sequence[int],
+        values: Sequence[float],
+        stds: Sequence[float] | None,
+        stages: Sequence[Stage],
+        transitions: Sequence[Transition],
+        step: int,
+    ) -> None:
+        if not self.writers or not len(steps):
+            return
+        img = stage_figure_rgb(monitor, steps, values, stds, stages, transitions)
+        for w in self.writers:
+            w.add_image(f"stages/{monitor}/curve", img, global_step=step, dataformats="HWC")
+
+    def flush(self) -> None:
+        for w in self.writers:
+            flush = getattr(w, "flush", None)
+            if callable(flush):
+                flush()
