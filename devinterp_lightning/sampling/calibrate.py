@@ -1,0 +1,547 @@
+"""Choose the SGLD settings (``lr``, ``localization``, ``nbeta``) from measurements, not by hand.
+
+The scheme (docs/calibration.md has the reasoning and the validation):
+
+1. ``nbeta``: the caller's value, else the estimator's default ``B / log B`` for the batch size B.
+2. Curvature: the top eigenvalue ``h`` of the Hessian of the batch loss at ``w*`` (power iteration
+   with Hessian-vector products on a few fixed batches). The SGLD drift is stable only while
+   ``lr * (nbeta * h + localization) < 2``.
+3. ``localization``: the caller's value, else ``LOCALIZATION_FRACTION * nbeta * h``: a pull to
+   ``w*`` that is a small fraction of the stiffest direction of the tempered loss, so the loss,
+   not the prior, shapes the draws in every direction it constrains, while the flat (singular)
+   directions stay confined to a ball of radius ``~1/sqrt(localization)``.
+4. A log-spaced ``lr`` grid from the stability limit down. A cheap vectorized probe on one fixed
+   batch runs an SGLD trajectory per grid value and scores it with the Metropolis-adjusted
+   (MALA) acceptance probability of each of its steps; values with low acceptance are skipped.
+5. From the largest surviving ``lr`` down, full short estimates are run; an ``lr`` is chosen when
+   its estimate is healthy (no flag of :func:`~devinterp_lightning.sampling.result.health_flags`)
+   and agrees with the estimate at ``lr / 2`` (the bias check).
+
+Everything here is pure torch: the model is never modified.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from devinterp_lightning.sampling.batches import batch_size_of, to_device
+from devinterp_lightning.sampling.estimator import default_nbeta, estimate_llc
+from devinterp_lightning.sampling.result import LLCResult
+
+logger = logging.getLogger("devinterp_lightning")
+
+__all__ = ["calibrate_llc", "CalibrationResult", "Trial"]
+
+#: localization = LOCALIZATION_FRACTION * nbeta * (top Hessian eigenvalue) when not given.
+LOCALIZATION_FRACTION = 0.01
+#: MALA acceptance below this marks an lr as too large without running an estimate.
+MIN_ACCEPTANCE = 0.9
+#: When lr/2 cannot be checked because it does not mix within the burn-in, a healthy lr whose MALA
+#: acceptance is at least this is accepted without the bias check.
+ACCEPTANCE_WITHOUT_BIAS_CHECK = 0.95
+#: Flags that mean "not mixed within the layout" (a smaller lr only makes them worse) and flags
+#: that a smaller lr can cure.
+_MIXING_FLAGS = frozenset({"drifting", "high_rhat"})
+_STEP_FLAGS = frozenset({"diverged", "all_diverged"})
+#: Consecutive grid values differ by this factor (the bias check compares lr with lr / LR_FACTOR).
+LR_FACTOR = 2.0
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+Restriction = str | Sequence[str] | Mapping[str, Tensor] | None
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One candidate step size and what was measured for it.
+
+    Attributes:
+        lr: the step size.
+        acceptance: mean MALA acceptance probability of the probe trajectory (nan if not probed).
+        distance: RMS distance from ``w*`` per moving entry at the end of the probe trajectory,
+            relative to the localization's own scale ``1/sqrt(localization)`` (~1 when local).
+        estimate: the short LLC estimate at this lr, or None when the probe already rejected it.
+        rejected: why this lr was not chosen ("" for the chosen one, "not reached" when a larger
+            lr was chosen first).
+    """
+
+    lr: float
+    acceptance: float
+    distance: float
+    estimate: LLCResult | None = None
+    rejected: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        est = self.estimate
+        return {
+            "lr": self.lr,
+            "acceptance": self.acceptance,
+            "distance": self.distance,
+            "llc": None if est is None else est.mean,
+            "stderr": None if est is None else est.stderr,
+            "flags": None if est is None else list(est.flags),
+            "rejected": self.rejected,
+        }
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """Recommended SGLD settings and the evidence for them.
+
+    ``as_kwargs()`` gives the settings to splat into :func:`estimate_llc` / ``estimate_llcs``
+    (``num_chains`` and ``seed`` are left to the caller).
+
+    Attributes:
+        lr, localization, nbeta: the recommendation.
+        num_draws, num_burnin_steps, num_steps_bw_draws: the chain layout the recommendation was
+            checked with (the caller's target layout).
+        ok: True when an lr passed every check; False means the fallback (the healthiest trial)
+            was returned and a warning was issued, with the reason in ``reason``.
+        reason: one line saying why this lr was chosen.
+        curvature: top eigenvalue of the Hessian of the batch loss at w* (power iteration).
+        trials: every lr considered, largest first, with its measurements and rejection reason.
+        estimate: the estimate at the chosen lr (a by-product: no need to estimate again).
+        num_steps: SGLD steps per chain spent by the calibration (probe and estimates).
+        seconds: wall time of the calibration.
+    """
+
+    lr: float
+    localization: float
+    nbeta: float
+    num_draws: int
+    num_burnin_steps: int
+    num_steps_bw_draws: int
+    ok: bool
+    reason: str
+    curvature: float
+    trials: tuple[Trial, ...] = field(default=())
+    estimate: LLCResult | None = None
+    num_steps: int = 0
+    seconds: float = 0.0
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """``{lr, localization, nbeta, num_draws, num_burnin_steps, num_steps_bw_draws}``."""
+        return {
+            "lr": self.lr,
+            "localization": self.localization,
+            "nbeta": self.nbeta,
+            "num_draws": self.num_draws,
+            "num_burnin_steps": self.num_burnin_steps,
+            "num_steps_bw_draws": self.num_steps_bw_draws,
+        }
+
+    def hparams(self, prefix: str = "llc/calibrated") -> dict[str, float | int | bool]:
+        """Flat scalars for ``logger.log_hyperparams``: the settings and the headline evidence."""
+        out: dict[str, float | int | bool] = {f"{prefix}/{k}": v for k, v in self.as_kwargs().items()}
+        out[f"{prefix}/ok"] = self.ok
+        out[f"{prefix}/curvature"] = self.curvature
+        out[f"{prefix}/num_trials"] = len(self.trials)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.as_kwargs(),
+            "ok": self.ok,
+            "reason": self.reason,
+            "curvature": self.curvature,
+            "num_steps": self.num_steps,
+            "seconds": self.seconds,
+            "trials": [t.to_dict() for t in self.trials],
+        }
+
+    def summary(self) -> str:
+        """A small table of the trials, for logs and reports."""
+        lines = [
+            f"calibrate_llc: lr={self.lr:.3g} localization={self.localization:.3g} nbeta={self.nbeta:.4g} "
+            f"({'ok' if self.ok else 'FALLBACK'}: {self.reason}); top Hessian eigenvalue {self.curvature:.3g}",
+            f"{'lr':>10} {'accept':>7} {'dist':>6} {'llc':>10} {'stderr':>8}  verdict",
+        ]
+        for t in self.trials:
+            llc = "-" if t.estimate is None else f"{t.estimate.mean:.4g}"
+            se = "-" if t.estimate is None else f"{t.estimate.stderr:.3g}"
+            lines.append(
+                f"{t.lr:>10.3g} {t.acceptance:>7.3f} {t.distance:>6.2f} {llc:>10} {se:>8}  {t.rejected or 'CHOSEN'}"
+            )
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ probes
+
+
+class _Loss(nn.Module):
+    """Lets ``functional_call`` run the user's ``loss_fn(model, batch)`` on swapped tensors."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.model, batch).reshape(())
+
+
+def _masks(restrict: Restriction, named: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``{name: float mask}`` of the moving entries (the estimator validates restrict itself)."""
+    if restrict is None:
+        return {n: torch.ones_like(p) for n, p in named.items()}
+    if isinstance(restrict, Mapping):
+        return {n: torch.as_tensor(m).to(named[n].device, named[n].dtype) for n, m in restrict.items() if n in named}
+    globs = [restrict] if isinstance(restrict, str) else list(restrict)
+    return {n: torch.ones_like(p) for n, p in named.items() if any(fnmatch.fnmatchcase(n, g) for g in globs)}
+
+
+class _Probe:
+    """Batch loss, gradient and Hessian-vector products of the moving weights, on fixed batches."""
+
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, masks: dict[str, Tensor], anchor: dict[str, Tensor],
+        buffers: dict[str, Tensor], batches: list[Any],
+    ) -> None:
+        self.module = _Loss(model, loss_fn)
+        self.masks = masks
+        self.anchor = anchor
+        self.fixed = {"model." + n: t for n, t in {**anchor, **buffers}.items() if n not in masks}
+        self.batches = batches
+
+    def loss(self, moving: dict[str, Tensor], batch: Any) -> Tensor:
+        tensors = dict(self.fixed)
+        tensors.update({"model." + n: t for n, t in moving.items()})
+        return functional_call(self.module, tensors, (batch,))
+
+    def top_eigenvalue(self, iters: int, generator: torch.Generator) -> float:
+        """Largest |eigenvalue| of the Hessian of the mean loss over the fixed batches at w*.
+
+        Power iteration with Hessian-vector products by double backward (plain autograd: forward
+        mode would pull in torch's decomposition tables, seconds of import time).
+        """
+        w0 = {n: self.anchor[n].detach().clone().requires_grad_(True) for n in self.masks}
+        with torch.enable_grad():
+            loss = sum(self.loss(w0, b) for b in self.batches) / len(self.batches)
+            grads = torch.autograd.grad(loss, list(w0.values()), create_graph=True, allow_unused=True)
+        pairs = [(n, g) for n, g in zip(w0, grads, strict=True) if g is not None and g.requires_grad]
+        if not pairs:
+            return 0.0  # the loss is at most linear in the moving weights here
+        v = {n: torch.randn(w0[n].shape, generator=generator, device=w0[n].device, dtype=w0[n].dtype)
+             * self.masks[n] for n, _ in pairs}
+        eig = 0.0
+        for _ in range(iters):
+            norm = math.sqrt(sum(float((x * x).sum()) for x in v.values()))
+            if norm == 0.0 or not math.isfinite(norm):
+                return abs(eig)
+            v = {n: x / norm for n, x in v.items()}
+            with torch.enable_grad():
+                dot = sum((g * v[n]).sum() for n, g in pairs)
+                hv = torch.autograd.grad(dot, [w0[n] for n, _ in pairs], retain_graph=True, allow_unused=True)
+            hv_d = {n: (torch.zeros_like(v[n]) if h is None else h.detach() * self.masks[n])
+                    for (n, _), h in zip(pairs, hv, strict=True)}
+            eig = float(sum((hv_d[n] * v[n]).sum() for n in v))
+            v = hv_d
+        return abs(eig)
+
+    def mala(
+        self, lrs: Sequence[float], nbeta: float, localization: float, steps: int, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """Run one SGLD trajectory per lr (vectorized lanes) on the first fixed batch.
+
+        Returns the mean MALA acceptance probability per lane over the second half of the steps,
+        and the RMS distance from w* per moving entry at the end, times ``sqrt(localization)``.
+
+        For ``U(w) = nbeta * L(w) + localization/2 * |w - w*|^2`` and the proposal
+        ``w' = w - lr/2 * grad U(w) + sqrt(lr) * xi``, the acceptance is
+        ``min(1, exp(U(w) - U(w') - |w - w' + lr/2 grad U(w')|^2 / (2 lr) + |xi|^2 / 2))``.
+        """
+        batch = self.batches[0]
+        lanes = len(lrs)
+        lr = torch.tensor(list(lrs), dtype=torch.float64)
+        w0 = {n: self.anchor[n] for n in self.masks}
+
+        def potential(w: dict[str, Tensor]) -> Tensor:
+            prior = sum(((w[n] - w0[n]) ** 2 * self.masks[n]).sum() for n in w)
+            return nbeta * self.loss(w, batch) + 0.5 * localization * prior
+
+        step_fn = grad_and_value(potential)
+        try:
+            batched = vmap(step_fn)
+            w = {n: t.unsqueeze(0).expand(lanes, *t.shape).clone() for n, t in w0.items()}
+            batched(w)
+        except Exception:  # vmap cannot run every model: loop over lanes instead
+            def batched(w: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+                outs = [step_fn({n: t[i] for n, t in w.items()}) for i in range(lanes)]
+                return {n: torch.stack([o[0][n] for o in outs]) for n in w}, torch.stack([o[1] for o in outs])
+
+        w = {n: t.unsqueeze(0).expand(lanes, *t.shape).clone() for n, t in w0.items()}
+        g, u = batched(w)
+        accept_sum = torch.zeros(lanes, dtype=torch.float64)
+        counted = 0
+        alive = torch.ones(lanes, dtype=torch.bool)
+        for step in range(steps):
+            new, xi_sq = {}, torch.zeros(lanes, dtype=torch.float64)
+            for n, t in w.items():
+                shape = (lanes,) + (1,) * (t.ndim - 1)
+                eps = lr.to(t.dtype).view(shape)
+                xi = torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype) * self.masks[n]
+                new[n] = t - eps / 2 * g[n] * self.masks[n] + eps.sqrt() * xi
+                xi_sq += (xi.double() ** 2).reshape(lanes, -1).sum(1).cpu()
+            g_new, u_new = batched(new)
+            back = torch.zeros(lanes, dtype=torch.float64)
+            for n in w:
+                shape = (lanes,) + (1,) * (w[n].ndim - 1)
+                eps = lr.to(w[n].dtype).view(shape)
+                diff = (w[n] - new[n] + eps / 2 * g_new[n]) * self.masks[n]
+                back += (diff.double() ** 2).reshape(lanes, -1).sum(1).cpu() / lr
+            log_alpha = u.double().cpu() - u_new.double().cpu() - back / 2 + xi_sq / 2
+            alpha = torch.exp(torch.clamp(log_alpha, max=0.0))
+            finite = torch.isfinite(u_new.double().cpu()) & torch.isfinite(log_alpha)
+            alive &= finite
+            if step >= steps // 2:
+                accept_sum += torch.where(alive, alpha, torch.zeros_like(alpha))
+                counted += 1
+            # lanes that blew up are reset to w* so their numbers stay finite (they score 0)
+            keep = alive.to(next(iter(w.values())).device)
+            for n in w:
+                shape = (lanes,) + (1,) * (w[n].ndim - 1)
+                w[n] = torch.where(keep.view(shape), new[n], w0[n].unsqueeze(0).expand_as(new[n]))
+                g_new[n] = torch.where(keep.view(shape), g_new[n], torch.zeros_like(g_new[n]))
+            g, u = g_new, torch.where(keep, u_new, torch.zeros_like(u_new))
+        moving = sum(float(m.sum()) for m in self.masks.values())
+        dist_sq = sum(((w[n] - w0[n]) ** 2 * self.masks[n]).reshape(lanes, -1).sum(1) for n in w)
+        distance = torch.sqrt(dist_sq.double().cpu() / max(moving, 1.0)) * math.sqrt(max(localization, 0.0))
+        distance = torch.where(alive, distance, torch.full_like(distance, float("inf")))
+        return accept_sum / max(counted, 1), distance
+
+
+# ------------------------------------------------------------------------------------- calibration
+
+
+def _agree(big: LLCResult, small: LLCResult, rel_tol: float, z: float) -> tuple[bool, str]:
+    """The bias check: ``|llc(lr) - llc(lr/2)| <= z * stderr of the difference + rel_tol * |llc(lr/2)|``.
+
+    Both estimates use the same seed, so chain c of one and chain c of the other share batches and
+    noise draws: the standard error of the difference is taken from the paired per-chain
+    differences (never below the unpaired one's half, so two lucky chains cannot make it vanish).
+    The SGLD bias grows about linearly in lr, so the gap estimates the bias left at lr/2.
+    """
+    gap = abs(big.mean - small.mean)
+    both = ~(big.diverged | small.diverged)
+    diff = (big.per_chain - small.per_chain)[both].double()
+    unpaired = math.hypot(big.stderr, small.stderr)
+    paired = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else unpaired
+    se = max(paired, unpaired / 2)
+    allowed = z * se + rel_tol * abs(small.mean)
+    verdict = f"|{big.mean:.4g} - {small.mean:.4g}| = {gap:.3g} vs allowed {allowed:.3g}"
+    return gap <= allowed, verdict
+
+
+def calibrate_llc(
+    model: nn.Module,
+    loss_fn: LossFn,
+    loader: Iterable[Any],
+    *,
+    nbeta: float | None = None,
+    localization: float | None = None,
+    lrs: Sequence[float] | None = None,
+    num_chains: int = 4,
+    num_draws: int = 200,
+    num_burnin_steps: int = 100,
+    num_steps_bw_draws: int = 1,
+    restrict: Restriction = None,
+    rel_tol: float = 0.1,
+    z: float = 2.0,
+    num_lrs: int = 10,
+    probe_steps: int = 50,
+    max_estimates: int = 6,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = torch.float32,
+    progress: Callable[[int, int], None] | None = None,
+) -> CalibrationResult:
+    """Choose ``lr``, ``localization`` and ``nbeta`` for :func:`estimate_llc` at the model's weights.
+
+    Args:
+        model, loss_fn, loader, restrict, device, dtype: as for :func:`estimate_llc` (the same
+            objects the estimates will use; the model is left untouched).
+        nbeta: fixed if given; else ``B / log B`` for the loader's batch size B.
+        localization: fixed if given; else ``LOCALIZATION_FRACTION * nbeta * h`` with ``h`` the top
+            Hessian eigenvalue of the batch loss at ``w*``.
+        lrs: the candidate step sizes (any order; tried largest first). None: ``num_lrs`` values
+            spaced by a factor ``LR_FACTOR`` down from the stability limit ``2 / (nbeta h + localization)``.
+        num_chains, num_draws, num_burnin_steps, num_steps_bw_draws: the layout of each trial
+            estimate; pass the layout the real estimates will use, so "levels off within the
+            burn-in" is checked for that layout.
+        rel_tol, z: the bias check accepts ``lr`` when ``|llc(lr) - llc(lr/2)| <= z * stderr + rel_tol * |llc(lr/2)|``.
+        probe_steps: length of the MALA-acceptance probe trajectory (one fixed batch).
+        max_estimates: at most this many trial estimates are run.
+        seed: every trial uses this seed (common random numbers make the bias check sharper).
+        progress: optional ``progress(done, total)`` in trial estimates.
+
+    Returns:
+        A :class:`CalibrationResult`; ``res.as_kwargs()`` goes straight into ``estimate_llc``.
+    """
+    start = time.perf_counter()
+    if num_chains < 2:
+        raise ValueError(f"calibration needs num_chains >= 2 to judge chain agreement; got {num_chains}")
+    if not 0 < rel_tol < 1:
+        raise ValueError(f"rel_tol must be in (0, 1), e.g. 0.1; got {rel_tol}")
+    if lrs is not None and (not lrs or any(not (x > 0 and math.isfinite(x)) for x in lrs)):
+        raise ValueError(f"lrs must be a non-empty list of positive step sizes; got {lrs!r}")
+    if localization is not None and localization < 0:
+        raise ValueError(f"localization must be >= 0; got {localization}")
+
+    named = dict(model.named_parameters())
+    if not named:
+        raise ValueError("the model has no parameters to sample")
+    dev = torch.device(device) if device is not None else next(iter(named.values())).device
+    generator = torch.Generator(device=dev)
+    generator.manual_seed(seed)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        anchor = {n: p.detach().to(dev, dtype if dtype is not None else p.dtype, copy=True) for n, p in named.items()}
+        buffers = {n: b.detach().to(dev, dtype if (dtype is not None and b.is_floating_point()) else b.dtype,
+                                    copy=True) for n, b in model.named_buffers()}
+        masks = _masks(restrict, anchor)
+        if not masks:
+            raise ValueError(f"restrict={restrict!r} leaves no weight to move; check it against model.named_parameters()")
+        with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+            torch.manual_seed(seed)  # a shuffling loader draws from the global RNG
+            batches = []
+            for batch in loader:
+                batches.append(to_device(batch, dev, dtype))
+                if len(batches) == 4:
+                    break
+        if not batches:
+            raise ValueError("the loader yielded no batches; pass a loader with at least one batch")
+        if nbeta is None:
+            size = batch_size_of(loader, batches[0])
+            if size is None:
+                raise ValueError("cannot infer the batch size for the default nbeta; pass nbeta= explicitly")
+            nbeta = default_nbeta(size)
+        probe = _Probe(model, loss_fn, masks, anchor, buffers, batches)
+        curvature = probe.top_eigenvalue(20, generator)
+        if localization is None:
+            localization = LOCALIZATION_FRACTION * nbeta * curvature
+            if not localization > 0:
+                raise ValueError(
+                    "the loss has no curvature at these weights (top Hessian eigenvalue "
+                    f"{curvature:.3g}), so the localization cannot be set from it; pass localization="
+                )
+        stiff = nbeta * curvature + localization
+        if lrs is None:
+            top = 2.0 / stiff
+            lrs = [top / LR_FACTOR**k for k in range(num_lrs)]
+        lrs = sorted((float(x) for x in lrs), reverse=True)
+        acceptance, distance = probe.mala(lrs, nbeta, localization, probe_steps, generator)
+    finally:
+        for module, training in modes:
+            module.training = training
+
+    trials: list[Trial] = []
+    estimates: dict[int, LLCResult] = {}
+    steps_per_estimate = num_burnin_steps + (num_draws - 1) * num_steps_bw_draws + 1
+    spent = probe_steps * len(lrs) // max(num_chains, 1) + 60  # probe lanes and HVPs, in chain-steps
+
+    def run(i: int) -> LLCResult:
+        if i not in estimates:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # divergence is evidence here, not news
+                estimates[i] = estimate_llc(
+                    model, loss_fn, loader, lr=lrs[i], localization=localization, nbeta=nbeta,
+                    num_chains=num_chains, num_draws=num_draws, num_burnin_steps=num_burnin_steps,
+                    num_steps_bw_draws=num_steps_bw_draws, restrict=restrict, seed=seed, device=device,
+                    dtype=dtype, progress=progress,
+                )
+        return estimates[i]
+
+    reasons: dict[int, str] = {}
+    first = next((i for i in range(len(lrs)) if float(acceptance[i]) >= MIN_ACCEPTANCE), None)
+    if first is None:
+        # no lr is clean on the probe (high-dimensional models accept less at any lr): start
+        # the estimates at the best-accepted one and let the flags and the bias check decide
+        first = int(torch.argmax(torch.nan_to_num(acceptance, nan=-1.0)))
+    for i in range(first):
+        reasons[i] = f"MALA acceptance {float(acceptance[i]):.2f} < {MIN_ACCEPTANCE}: step too large"
+    chosen: int | None = None
+    why = ""
+    i = first
+    while i < len(lrs) and len(estimates) < max_estimates:
+        res = run(i)
+        if res.flags:
+            reasons[i] = "flags: " + ", ".join(res.flags)
+            if not set(res.flags) & _STEP_FLAGS:
+                # not mixed: a smaller lr moves even less within the same burn-in; negative or
+                # below the initial loss: w* is not a minimum, and no lr changes that
+                break
+            i += 1
+            continue
+        if i + 1 >= len(lrs) or len(estimates) >= max_estimates:
+            reasons[i] = "no smaller lr left for the bias check"
+            break
+        half = run(i + 1)
+        if half.flags:
+            stalled = set(half.flags) <= _MIXING_FLAGS
+            if stalled and float(acceptance[i]) >= ACCEPTANCE_WITHOUT_BIAS_CHECK:
+                chosen = i
+                why = (
+                    f"healthy; lr/{LR_FACTOR:g} does not mix within the burn-in ({', '.join(half.flags)}), "
+                    f"so the bias check is replaced by the MALA acceptance {float(acceptance[i]):.3f} >= "
+                    f"{ACCEPTANCE_WITHOUT_BIAS_CHECK}"
+                )
+                reasons[i + 1] = "flags: " + ", ".join(half.flags)
+                break
+            reasons[i] = f"lr/{LR_FACTOR:g} is flagged ({', '.join(half.flags)}): no bias check possible"
+            reasons[i + 1] = "flags: " + ", ".join(half.flags)
+            if stalled:
+                break  # smaller lrs mix even less
+            i += 2
+            continue
+        ok, verdict = _agree(res, half, rel_tol, z)
+        if ok:
+            # the largest lr that agrees with its half: halving the step no longer moves the
+            # estimate beyond the tolerance, and the larger step mixes faster within the burn-in
+            chosen, why = i, f"healthy and agrees with lr/{LR_FACTOR:g}: {verdict}"
+            reasons[i + 1] = f"agrees with {LR_FACTOR:g}x its lr, which mixes faster"
+            break
+        reasons[i] = f"bias check against lr/{LR_FACTOR:g} failed: {verdict}"
+        i += 1
+
+    ok = chosen is not None
+    if chosen is None:
+        # fallback: the healthiest estimate (fewest flags, then the smaller lr: less bias)
+        tried = [k for k, r in estimates.items() if not r.all_diverged]
+        if tried:
+            chosen = min(tried, key=lambda k: (len(estimates[k].flags), -k))
+        else:
+            chosen = len(lrs) - 1
+        why = f"no lr passed every check; using the healthiest trial ({reasons.get(chosen, 'untested')})"
+        warnings.warn(
+            f"calibrate_llc: {why}. The estimate may be biased: inspect CalibrationResult.summary(), "
+            "pass a wider `lrs` grid, more num_burnin_steps, or set lr/localization by hand "
+            "(see docs/calibration.md).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    for k in range(len(lrs)):
+        if k == chosen:
+            reason = ""
+        else:
+            reason = reasons.get(k, "not reached")
+        trials.append(Trial(lrs[k], float(acceptance[k]), float(distance[k]), estimates.get(k), reason))
+    spent += steps_per_estimate * len(estimates)
+    result = CalibrationResult(
+        lr=lrs[chosen], localization=float(localization), nbeta=float(nbeta), num_draws=num_draws,
+        num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws, ok=ok, reason=why,
+        curvature=curvature, trials=tuple(trials), estimate=estimates.get(chosen), num_steps=spent,
+        seconds=time.perf_counter() - start,
+    )
+    logger.info("%s", result.summary())
+    return result

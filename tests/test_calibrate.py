@@ -1,0 +1,208 @@
+"""calibrate_llc: the choice it makes, the evidence it records, and accuracy against theory."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from devinterp_lightning import theory
+from devinterp_lightning.sampling.calibrate import CalibrationResult, calibrate_llc
+from devinterp_lightning.sampling.estimator import estimate_llc
+
+
+def half_sse(model: nn.Module, batch) -> torch.Tensor:
+    """Gaussian negative log-likelihood with unit noise, up to a constant: 1/2 |y - f(x)|^2."""
+    x, y = batch
+    return 0.5 * ((model(x) - y) ** 2).sum(-1).mean()
+
+
+def teacher_dln(widths: list[int], rank: int, num_samples: int = 4096, seed: int = 0):
+    """A bias-free deep linear network whose every layer has rank ``rank``, and its noise-free data.
+
+    W_s = Q_{s+1} D_s Q_s^T with Q_j a random orthonormal ``rank``-frame of width j: the product has
+    rank ``rank`` and so does every layer, the most singular kind of point of the true set (where the
+    local learning coefficient equals Aoyagi's global one).
+    """
+    g = torch.Generator().manual_seed(seed)
+    frames = [torch.linalg.qr(torch.randn(h, h, generator=g))[0][:, :rank] for h in widths]
+    layers = []
+    for s in range(len(widths) - 1):
+        layer = nn.Linear(widths[s], widths[s + 1], bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(frames[s + 1] @ torch.diag(0.5 + torch.rand(rank, generator=g)) @ frames[s].T)
+        layers.append(layer)
+    model = nn.Sequential(*layers)
+    x = torch.randn(num_samples, widths[0], generator=g)
+    with torch.no_grad():
+        y = model(x)
+    return model, TensorDataset(x, y)
+
+
+def regression(offset: float = 0.0, seed: int = 0):
+    """Linear regression (regular, d = 12, lambda = 6) at the truth, or ``offset`` away from it."""
+    model, data = teacher_dln([4, 3], rank=3, num_samples=1024, seed=seed)
+    with torch.no_grad():
+        model[0].weight.add_(offset)
+    return model, DataLoader(data, batch_size=128, shuffle=True)
+
+
+FAST = dict(num_chains=4, num_draws=200, num_burnin_steps=100)
+#: for tests of the bookkeeping, not of the choice (fallback warnings are expected and ignored)
+TINY = dict(num_chains=2, num_draws=30, num_burnin_steps=10)
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    """One full calibration of the regular model, shared by the tests that inspect it."""
+    model, loader = regression()
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rng = torch.get_rng_state()
+    cal = calibrate_llc(model, half_sse, loader, **FAST)
+    untouched = (
+        model.training
+        and torch.equal(torch.get_rng_state(), rng)
+        and all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters())
+    )
+    return model, loader, cal, untouched
+
+
+def test_recommends_healthy_settings_and_records_evidence(calibrated) -> None:
+    _, _, cal, _ = calibrated
+    assert isinstance(cal, CalibrationResult) and cal.ok, cal.summary()
+    assert cal.nbeta == pytest.approx(128 / math.log(128))
+    assert cal.localization == pytest.approx(0.01 * cal.nbeta * cal.curvature)
+    # x ~ N(0, I): the Hessian of 1/2 |W x - y|^2 is I (x) E[x x^T] ~ I, top eigenvalue ~1
+    assert 0.7 < cal.curvature < 1.6
+    lrs = [t.lr for t in cal.trials]
+    assert lrs == sorted(lrs, reverse=True)
+    assert lrs[0] == pytest.approx(2 / (cal.nbeta * cal.curvature + cal.localization))
+    chosen = [t for t in cal.trials if not t.rejected]
+    assert len(chosen) == 1 and chosen[0].lr == cal.lr
+    assert chosen[0].estimate is cal.estimate and cal.estimate.healthy
+    # every lr larger than the chosen one carries a reason; the stability limit itself is rejected
+    for t in cal.trials:
+        if t.lr > cal.lr:
+            assert t.rejected and t.rejected != "not reached", cal.summary()
+    assert cal.trials[0].acceptance < 0.9
+    assert cal.num_steps > 0 and cal.seconds > 0
+    assert "CHOSEN" in cal.summary()
+    assert {"lr", "localization", "nbeta", "ok"} <= {k.split("/")[-1] for k in cal.hparams()}
+
+
+def test_model_is_left_untouched(calibrated) -> None:
+    assert calibrated[3]
+
+
+@pytest.mark.slow
+def test_as_kwargs_splat_into_estimate_llc(calibrated) -> None:
+    model, loader, cal, _ = calibrated
+    kwargs = cal.as_kwargs()
+    assert set(kwargs) == {"lr", "localization", "nbeta", "num_draws", "num_burnin_steps", "num_steps_bw_draws"}
+    res = estimate_llc(model, half_sse, loader, num_chains=4, seed=3, **kwargs)
+    assert res.lr == cal.lr and res.localization == cal.localization and res.nbeta == cal.nbeta
+    # regular model at the truth: lambda = d/2 = 6, times nbeta h / (nbeta h + localization) ~ 0.99
+    # for the localization the calibration picks. Over seeds 0-4 the errors were within 6%.
+    assert res.mean == pytest.approx(6.0, rel=0.15)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_given_nbeta_and_localization_are_kept() -> None:
+    model, loader = regression()
+    cal = calibrate_llc(model, half_sse, loader, nbeta=200.0, localization=5.0, max_estimates=1, **TINY)
+    assert cal.nbeta == 200.0 and cal.localization == 5.0
+    assert cal.trials[0].lr == pytest.approx(2 / (200.0 * cal.curvature + 5.0))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_too_large_steps_are_rejected_with_a_reason() -> None:
+    model, loader = regression()
+    cal = calibrate_llc(model, half_sse, loader, lrs=[1.0, 0.3, 1e-2, 5e-3], **TINY)
+    big = {t.lr: t for t in cal.trials}
+    assert "MALA acceptance" in big[1.0].rejected and big[1.0].estimate is None
+    assert "MALA acceptance" in big[0.3].rejected
+    assert cal.lr <= 1e-2
+
+
+def test_diverging_lr_is_rejected_by_its_flags() -> None:
+    # with the probe screen disabled (acceptance threshold met by no lr: the grid starts at the
+    # best accepted one), a step far beyond the stability limit diverges and is flagged
+    model, loader = regression()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        cal = calibrate_llc(model, half_sse, loader, lrs=[0.5], **TINY)
+    (trial,) = cal.trials
+    assert not cal.ok
+    assert trial.estimate is not None and "diverged" in trial.estimate.flags[0]
+
+
+def test_not_at_a_minimum_falls_back_with_a_warning() -> None:
+    # 0.3 away from the truth the chains run downhill: negative llc / draws below the initial loss
+    model, loader = regression(offset=0.3)
+    with pytest.warns(RuntimeWarning, match="no lr passed every check"):
+        cal = calibrate_llc(model, half_sse, loader, **TINY)
+    assert not cal.ok
+    (tried,) = [t for t in cal.trials if t.estimate is not None]  # no smaller lr can cure it: one trial
+    assert {"negative", "below_init"} <= set(tried.estimate.flags), cal.summary()
+    assert tried.lr == cal.lr and "negative" in cal.reason
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_deterministic_for_a_seed() -> None:
+    model, loader = regression()
+    a = calibrate_llc(model, half_sse, loader, seed=5, lrs=[1e-2, 5e-3], **TINY)
+    b = calibrate_llc(model, half_sse, loader, seed=5, lrs=[1e-2, 5e-3], **TINY)
+    assert a.lr == b.lr and a.estimate.mean == b.estimate.mean
+    assert [t.acceptance for t in a.trials] == [t.acceptance for t in b.trials]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(num_chains=1), "num_chains >= 2"),
+        (dict(lrs=[]), "non-empty list"),
+        (dict(lrs=[1e-3, -1.0]), "positive"),
+        (dict(rel_tol=0.0), "rel_tol"),
+        (dict(localization=-1.0), "localization must be >= 0"),
+    ],
+)
+def test_bad_arguments_raise_early(kwargs, match: str) -> None:
+    model, loader = regression()
+    with pytest.raises(ValueError, match=match):
+        calibrate_llc(model, half_sse, loader, **kwargs)
+
+
+def test_flat_point_without_localization_asks_for_one() -> None:
+    # a depth-2 linear network at the origin: the loss is quartic there, the Hessian is zero
+    model, data = teacher_dln([3, 2, 3], rank=0, num_samples=256)
+    loader = DataLoader(data, batch_size=64)
+    with pytest.raises(ValueError, match="pass localization="):
+        calibrate_llc(model, half_sse, loader, **FAST)
+
+
+# Acceptance: calibrated settings, no hand-tuning, estimate at the teacher vs Aoyagi's value.
+# Layout 300 burn-in + 300 draws; teacher seeds 0-2 per shape, relative errors measured
+# (calibration seed = teacher seed, estimate seed 100 + teacher seed, 4 chains):
+#   [4,3,5] r=1 (lambda 7):     +12.6%  -1.3%  -7.4%
+#   [5,4,4,3] r=2 (lambda 7):    +4.0%  +8.5%  -0.1%
+#   [6,5,4,6] r=1 (lambda 11):   -9.5%  -6.6%  +7.8%
+# max |error| 12.6%, so the issue's 20% bound holds with margin for the seed spread.
+DLN_CASES = [([4, 3, 5], 1), ([5, 4, 4, 3], 2), ([6, 5, 4, 6], 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("widths", "rank"), DLN_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("seed", [0, 2])
+def test_calibrated_dln_estimate_matches_aoyagi(widths: list[int], rank: int, seed: int) -> None:
+    model, data = teacher_dln(widths, rank, seed=seed)
+    loader = DataLoader(data, batch_size=256, shuffle=True)
+    cal = calibrate_llc(model, half_sse, loader, num_draws=300, num_burnin_steps=300, seed=seed)
+    assert cal.ok, cal.summary()
+    res = estimate_llc(model, half_sse, loader, num_chains=4, seed=100 + seed, **cal.as_kwargs())
+    expected = theory.deep_linear_network(widths, rank)
+    assert res.mean == pytest.approx(expected, rel=0.2), cal.summary()
