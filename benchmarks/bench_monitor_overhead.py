@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devinterp_lightning import LLCMonitor  # noqa: E402
-from devinterp_lightning.schedule import LogSpaced  # noqa: E402
+from devinterp_lightning.schedule import Adaptive, LogSpaced  # noqa: E402
 from examples.configs.dln import DeepLinearNetwork, probe_loader  # noqa: E402
 from examples.configs.losses import mse  # noqa: E402
 
@@ -70,6 +70,7 @@ def main() -> None:
     configs: dict[str, dict[str, Any]] = {
         "defaults (LogSpaced 10/decade, 4x(50+200))": {},
         "every_n_steps=100": {"every_n_steps": 100},
+        "Adaptive(10..1000 steps, 2 stderr)": {"every_n_steps": Adaptive(min_interval=10, max_interval=1000)},
         "LogSpaced 5/decade, 4x(25+100)": {
             "every_n_steps": LogSpaced(start=10, per_decade=5), "num_draws": 100, "num_burnin_steps": 25,
         },

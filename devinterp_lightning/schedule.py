@@ -7,6 +7,9 @@ callback needs to validate it before training starts. No Lightning import.
 - :class:`LogSpaced` -- geometrically spaced steps, dense early (where most stage transitions
   happen) and sparse late; total cost grows like ``log(max_steps)`` instead of ``max_steps``.
 - :class:`ExplicitSteps` -- exactly the listed steps.
+- :class:`Adaptive` -- the interval halves when consecutive measurements differ by more than
+  ``threshold`` standard errors and doubles when they do not: dense around transitions, sparse
+  on plateaus. It is fed the measurements (``observe``) and keeps state (``state_dict``).
 
 :func:`as_schedule` turns the short forms accepted by the callbacks (an ``int`` or a list of
 ``int``) into one of these.
@@ -19,7 +22,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 
-__all__ = ["EveryNSteps", "ExplicitSteps", "LogSpaced", "Schedule", "as_schedule"]
+__all__ = ["Adaptive", "EveryNSteps", "ExplicitSteps", "LogSpaced", "Schedule", "as_schedule"]
 
 
 class Schedule(ABC):
@@ -197,6 +200,90 @@ class ExplicitSteps(Schedule):
 
     def __repr__(self) -> str:
         return f"ExplicitSteps({self.steps})"
+
+
+class Adaptive(Schedule):
+    """Measurement interval that adapts to how fast the measured value moves.
+
+    After a measurement ``v`` with standard error ``se`` at step ``t``, compared with the previous
+    one ``(v', se')``: if ``|v - v'| > threshold * sqrt(se^2 + se'^2)`` the interval halves (down to
+    ``min_interval``), otherwise it doubles (up to ``max_interval``); the next due step is ``t +
+    interval``. Without an observation the schedule advances by the current interval. The first
+    due step is 0 (or ``min_interval`` when ``include_zero`` is False), the first interval is
+    ``min_interval``.
+
+    The decisions depend only on the measured values, so a run is as deterministic as its
+    estimates; :meth:`state_dict` carries the state across a resume.
+
+    Args:
+        min_interval: smallest gap between measurements, in optimizer steps (>= 1).
+        max_interval: largest gap, in optimizer steps (>= ``min_interval``).
+        threshold: change, in combined standard errors, that counts as movement (> 0).
+        include_zero: measure the initialization (step 0).
+    """
+
+    def __init__(
+        self, min_interval: int = 10, max_interval: int = 1000, threshold: float = 2.0, include_zero: bool = True
+    ) -> None:
+        if isinstance(min_interval, bool) or not isinstance(min_interval, int) or min_interval < 1:
+            raise ValueError(f"Adaptive min_interval must be a positive integer, got {min_interval!r}")
+        if not isinstance(max_interval, int) or max_interval < min_interval:
+            raise ValueError(
+                f"Adaptive max_interval must be an integer >= min_interval={min_interval}, got {max_interval!r}"
+            )
+        if not threshold > 0:
+            raise ValueError(f"Adaptive threshold must be positive (in standard errors), got {threshold!r}")
+        self.min_interval = min_interval
+        self.max_interval = max_interval
+        self.threshold = float(threshold)
+        self.include_zero = include_zero
+        self.interval = min_interval
+        self.next = 0 if include_zero else min_interval
+        self.previous: tuple[float, float] | None = None
+
+    def is_due(self, step: int) -> bool:
+        # ">=": a step that was skipped (several optimizer steps per batch) is caught up at once
+        return step >= self.next
+
+    def next_due(self, step: int) -> int | None:
+        return max(step, self.next)
+
+    def observe(self, step: int, value: float, stderr: float) -> None:
+        """Record the measurement taken at ``step`` and schedule the next one."""
+        if math.isfinite(value):
+            # a failed estimate (nan) keeps the interval and is not a reference for the next one
+            if self.previous is not None:
+                prev_value, prev_se = self.previous
+                se = stderr if math.isfinite(stderr) else 0.0
+                moved = abs(value - prev_value) > self.threshold * math.sqrt(se**2 + prev_se**2)
+                if moved:
+                    self.interval = max(self.min_interval, self.interval // 2)
+                else:
+                    self.interval = min(self.max_interval, self.interval * 2)
+            self.previous = (float(value), float(stderr) if math.isfinite(stderr) else 0.0)
+        self.next = step + self.interval
+
+    def validate(self, total_steps: float) -> None:
+        if not math.isinf(total_steps) and self.min_interval > total_steps:
+            raise ValueError(
+                f"{self!r}: min_interval={self.min_interval} is beyond the {int(total_steps)} optimizer steps this "
+                "run will take; lower min_interval or raise max_steps."
+            )
+
+    def state_dict(self) -> dict[str, object]:
+        return {"interval": self.interval, "next": self.next, "previous": self.previous}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.interval = int(state["interval"])  # type: ignore[arg-type]
+        self.next = int(state["next"])  # type: ignore[arg-type]
+        previous = state["previous"]
+        self.previous = None if previous is None else (float(previous[0]), float(previous[1]))  # type: ignore[index]
+
+    def __repr__(self) -> str:
+        return (
+            f"Adaptive(min_interval={self.min_interval}, max_interval={self.max_interval}, "
+            f"threshold={self.threshold}, include_zero={self.include_zero})"
+        )
 
 
 def as_schedule(spec: int | Sequence[int] | Schedule) -> Schedule:

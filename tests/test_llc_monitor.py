@@ -174,6 +174,27 @@ def test_restriction_naming_and_cross_product():
     assert len({r.mean for r in direct.values()}) == len(direct)
 
 
+def test_adaptive_schedule_follows_the_unrestricted_estimate_and_is_checkpointed():
+    from devinterp_lightning.schedule import Adaptive
+
+    monitor = LLCMonitor(mse, data=probe(), every_n_steps=Adaptive(min_interval=2, max_interval=8), **FAST)
+    trainer([monitor], max_steps=20).fit(Net())
+    points = monitor.history["llc/mean"]
+    # replaying the logged estimates through a fresh schedule gives exactly the measured steps
+    replay = Adaptive(min_interval=2, max_interval=8)
+    steps = []
+    for point in points:
+        assert replay.is_due(point.step) and not replay.is_due(point.step - 1)
+        steps.append(point.step)
+        replay.observe(point.step, point.value, point.stderr)
+    assert steps[:2] == [0, 2] and len(steps) >= 4
+    state = monitor.state_dict()["schedule"]
+    assert state == replay.state_dict()
+    resumed = LLCMonitor(mse, data=probe(), every_n_steps=Adaptive(min_interval=2, max_interval=8), **FAST)
+    resumed.load_state_dict(monitor.state_dict())
+    assert resumed.schedule.state_dict() == state
+
+
 # --------------------------------------------------------------------------- the observer does not disturb
 def _final_state(with_monitor: bool, **monitor_kwargs: Any) -> tuple[dict[str, torch.Tensor], Any, LLCMonitor | None]:
     pl.seed_everything(1234)

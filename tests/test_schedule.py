@@ -72,3 +72,44 @@ def test_validate_rejects_schedules_beyond_the_run():
         ExplicitSteps([10, 80, 120]).validate(60)
     with pytest.raises(ValueError, match="no step in 1..5"):
         LogSpaced(start=10).validate(5)
+
+
+def test_adaptive_halves_on_movement_and_doubles_on_plateaus():
+    from devinterp_lightning.schedule import Adaptive
+
+    s = Adaptive(min_interval=10, max_interval=80, threshold=2.0)
+    assert s.is_due(0) and not Adaptive(include_zero=False).is_due(0)
+    s.observe(0, 1.0, 0.1)
+    assert s.next == 10  # first interval: min_interval
+    visited = []
+    # plateau: value constant within noise -> 20, 40, 80, 80 (capped)
+    for value in (1.0, 1.05, 0.98, 1.02):
+        step = s.next
+        assert s.is_due(step) and not s.is_due(step - 1)
+        s.observe(step, value, 0.1)
+        visited.append(s.interval)
+    assert visited == [20, 40, 80, 80]
+    # a jump of 5 standard errors -> interval halves each time it keeps moving
+    step = s.next
+    s.observe(step, 2.0, 0.1)
+    assert s.interval == 40
+    s.observe(s.next, 3.0, 0.1)
+    assert s.interval == 20
+    # a nan estimate (all chains diverged) keeps the interval and the reference value
+    s.observe(s.next, float("nan"), float("nan"))
+    assert s.interval == 20 and s.previous == (3.0, 0.1)
+
+
+def test_adaptive_state_round_trip_and_validation():
+    from devinterp_lightning.schedule import Adaptive
+
+    s = Adaptive(min_interval=5, max_interval=50)
+    s.observe(0, 1.0, 0.1)
+    s.observe(5, 3.0, 0.1)
+    t = Adaptive(min_interval=5, max_interval=50)
+    t.load_state_dict(s.state_dict())
+    assert (t.interval, t.next, t.previous) == (s.interval, s.next, s.previous)
+    with pytest.raises(ValueError, match="min_interval=5 is beyond the 3"):
+        s.validate(3)
+    with pytest.raises(ValueError, match="max_interval must be an integer >= min_interval"):
+        Adaptive(min_interval=10, max_interval=5)

@@ -152,7 +152,8 @@ class LLCMonitor(Callback):
             the first ``num_data_batches`` batches of the trainer's train dataloader, cached when
             training starts without consuming the global RNG.
         every_n_steps: when to estimate, in optimizer steps (``trainer.global_step``): an ``int``
-            ``n`` (steps 0, n, 2n, ...), a list of steps, or a :class:`~devinterp_lightning.schedule.Schedule`.
+            ``n`` (steps 0, n, 2n, ...), a list of steps, or a :class:`~devinterp_lightning.schedule.Schedule`
+            (``Adaptive`` follows the unrestricted estimate: denser when it moves).
             None: ``LogSpaced(start=10, per_decade=10)`` (0, 10, 13, 16, 20, 25, ... dense early).
         restrictions: ``{name: glob or list of globs}`` over ``named_parameters()`` names
             (``fnmatch.fnmatchcase``; ``*`` also matches dots), or ``{name: {param: bool mask}}``.
@@ -379,7 +380,13 @@ class LLCMonitor(Callback):
         local = self._estimate(pl_module, step, rank, world_size, pl_module.device, progress)
         if progress is not None:
             self.last_progress = progress.last
-        self._publish(trainer, step, self._merge_ranks(trainer, local))
+        results = self._merge_ranks(trainer, local)
+        self._publish(trainer, step, results)
+        observe = getattr(self.schedule, "observe", None)
+        if callable(observe):
+            # adaptive schedules follow the unrestricted estimate; it is the same on every rank
+            unrestricted = results[self.prefix]
+            observe(step, unrestricted.mean, unrestricted.stderr)
 
     def _merge_ranks(self, trainer: pl.Trainer, local: dict[str, LLCResult]) -> dict[str, LLCResult]:
         """All-gather every rank's chains and re-summarize, so all ranks hold the same estimates."""
@@ -454,8 +461,13 @@ class LLCMonitor(Callback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history.state_dict(), "last_step": self._last_step, "version": 1}
+        state: dict[str, Any] = {"history": self.history.state_dict(), "last_step": self._last_step, "version": 1}
+        if callable(getattr(self.schedule, "state_dict", None)):
+            state["schedule"] = self.schedule.state_dict()  # type: ignore[attr-defined]
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history.load_state_dict(state_dict["history"])
         self._last_step = int(state_dict["last_step"])
+        if "schedule" in state_dict and callable(getattr(self.schedule, "load_state_dict", None)):
+            self.schedule.load_state_dict(state_dict["schedule"])  # type: ignore[attr-defined]
