@@ -205,6 +205,11 @@ def _run_group(
     # Lane masks [num_lanes, *shape] for every parameter some job moves; parameters moved by
     # no job are passed unbatched and get no gradient.
     moving = [n for n in anchor if any(n in m for m in job_masks)]
+    if len({anchor[n].dtype for n in moving}) > 1:
+        raise ValueError(
+            "the sampled parameters have mixed dtypes "
+            f"{sorted({str(anchor[n].dtype) for n in moving})}; pass dtype=torch.float32 (the default)"
+        )
     masks = {}
     for n in moving:
         per_job = []
@@ -212,11 +217,7 @@ def _run_group(
             mask = m.get(n)
             full = torch.zeros(anchor[n].shape, device=device) if mask is None else mask.to(device).float()
             per_job.append(full.unsqueeze(0).expand(num_chains, *anchor[n].shape))
-        stacked = torch.cat(per_job)
-        if bool((stacked == 1).all()):
-            # every lane moves every entry: a [num_lanes, 1, ...] mask broadcasts and saves memory
-            stacked = torch.ones((stacked.shape[0],) + (1,) * (stacked.ndim - 1), device=device)
-        masks[n] = stacked.to(anchor[n].dtype)
+        masks[n] = torch.cat(per_job).to(anchor[n].dtype)
 
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)

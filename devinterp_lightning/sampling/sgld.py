@@ -151,6 +151,37 @@ class LossEvaluator:
         return {n: torch.stack(v) for n, v in grads.items()}, torch.stack(losses)
 
 
+class FlatLanes:
+    """The moving parameters of all lanes in one ``[num_lanes, numel]`` buffer, with named views.
+
+    One buffer makes the SGLD update a handful of fused tensor ops (and one noise draw) per step,
+    however many parameter tensors the model has.
+    """
+
+    def __init__(self, anchor: Mapping[str, Tensor], masks: Mapping[str, Tensor], num_lanes: int) -> None:
+        self.names = list(masks)
+        first = anchor[self.names[0]]
+        self.shapes = {n: anchor[n].shape for n in self.names}
+        self.anchor = torch.cat([anchor[n].reshape(-1) for n in self.names])
+        self.values = self.anchor.unsqueeze(0).repeat(num_lanes, 1)
+        lane_masks = [masks[n].expand(num_lanes, *anchor[n].shape).reshape(num_lanes, -1) for n in self.names]
+        mask = torch.cat(lane_masks, dim=1).to(first.dtype)
+        whole_lanes = bool((mask == mask[:, :1]).all())
+        # a [num_lanes, 1] mask when every lane moves all-or-nothing (saves memory and time)
+        self.mask = mask[:, :1].contiguous() if whole_lanes else mask
+        self.moving_count = mask.sum(dim=1)
+        self.views: dict[str, Tensor] = {}
+        offset = 0
+        for n in self.names:
+            size = anchor[n].numel()
+            self.views[n] = self.values[:, offset : offset + size].view(num_lanes, *anchor[n].shape)
+            offset += size
+
+    def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        num_lanes = self.values.shape[0]
+        return torch.cat([tensors[n].reshape(num_lanes, -1) for n in self.names], dim=1)
+
+
 def run_chains(
     evaluator: LossEvaluator,
     batches: Iterator[Any],
@@ -173,15 +204,10 @@ def run_chains(
         generator: the only source of noise.
         progress: called with the number of steps done after each step.
     """
-    names = list(masks)
     num_lanes = next(iter(masks.values())).shape[0]
-    device = anchor[names[0]].device
-    params = {n: anchor[n].unsqueeze(0).expand(num_lanes, *anchor[n].shape).clone() for n in names}
-    # moving entries per lane, for the runaway criterion
-    moving_count = torch.zeros(num_lanes, device=device)
-    for n in names:
-        moving_count += masks[n].expand(num_lanes, *anchor[n].shape).reshape(num_lanes, -1).sum(1)
-    runaway = RUNAWAY_FACTOR * (moving_count + 1)
+    lanes = FlatLanes(anchor, masks, num_lanes)
+    w, w0, device = lanes.values, lanes.anchor, lanes.values.device
+    runaway = RUNAWAY_FACTOR * (lanes.moving_count + 1)
 
     loss_trace = torch.full((num_lanes, settings.num_draws), float("nan"), device=device)
     init_trace = torch.full((num_lanes, settings.num_draws), float("nan"), device=device)
@@ -190,30 +216,31 @@ def run_chains(
     noise_scale = math.sqrt(settings.lr)
     nbeta, loc = settings.nbeta, settings.localization
     init_loss: Tensor | None = None
+    noise = torch.empty_like(w)
 
     for step in range(settings.total_steps):
         batch = next(batches)
         draw = settings.draw_index(step)
         if draw is not None or init_loss is None:
             init_loss = evaluator.anchor_loss(batch)
-        grads, losses = evaluator.grad_and_loss(params, batch)
+        grads, losses = evaluator.grad_and_loss(lanes.views, batch)
         losses = losses.detach().float()
         # a lane diverges on a non-finite or runaway loss; it is frozen back at w* from then on
-        diverged |= ~torch.isfinite(losses) | (nbeta * (losses - init_loss) > runaway)
+        newly = (~torch.isfinite(losses) | (nbeta * (losses - init_loss) > runaway)) & ~diverged
+        diverged |= newly
         if draw is not None:
             loss_trace[:, draw] = losses.masked_fill(diverged, float("nan"))
             init_trace[:, draw] = init_loss
-        keep = (~diverged).to(losses.dtype)
-        for n in names:
-            w, g, w0 = params[n], grads[n], anchor[n]
-            shape = (num_lanes,) + (1,) * (w.ndim - 1)
-            # drift = nbeta * grad + localization * (w - w*), then the Langevin step
-            step_ = g.mul_(nbeta * half_lr).add_(w - w0, alpha=loc * half_lr)
-            noise = torch.randn(w.shape, generator=generator, device=device, dtype=w.dtype)
-            step_ = noise.mul_(noise_scale).sub_(step_)
-            w.addcmul_(step_, masks[n] * keep.view(shape))
-            # a diverged lane is put back at w* so its tensors stay finite
-            w.copy_(torch.where(diverged.view(shape), w0, w))
+        # drift = nbeta * grad + localization * (w - w*); step = sqrt(lr) * noise - lr/2 * drift
+        drift = lanes.flatten(grads).mul_(nbeta * half_lr)
+        if loc:
+            drift.add_(w - w0, alpha=loc * half_lr)
+        torch.randn(w.shape, generator=generator, out=noise)
+        delta = noise.mul_(noise_scale).sub_(drift)
+        w.addcmul_(delta, lanes.mask * (~diverged).to(w.dtype)[:, None])
+        # put a diverged lane back at w* so its tensors stay finite (one sync-free op on GPU)
+        if device.type != "cpu" or bool(newly.any()):
+            w.copy_(torch.where(diverged[:, None], w0, w))
         if progress is not None:
             progress(step + 1)
     return ChainTraces(loss_trace=loss_trace, init_loss_trace=init_trace, diverged=diverged)

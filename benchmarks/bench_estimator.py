@@ -1,0 +1,212 @@
+"""Benchmark: devinterp-lightning's estimate_llc vs devinterp 2.0.1 vs a plain SGD training loop.
+
+Usage: python benchmarks/bench_estimator.py [--draws 200] [--repeats 3] [--no-devinterp]
+
+The same estimation (model, chains, steps, batch size, one thread) is run three ways:
+
+- ours: ``estimate_llc`` on a shuffled DataLoader over a TensorDataset.
+- devinterp 2.0.1: ``devinterp.slt.llc.llc`` run in its own virtualenv
+  (benchmarks/.devinterp-venv, created on demand with ``pip install torch==2.13.0 devinterp==2.0.1``;
+  skipped with a message if that fails). devinterp 2.x takes a HuggingFace dataset with an
+  ``input_ids`` column and a per-token loss, so the regression pairs are packed as rows
+  ``[x, y]`` and the loss is the per-sample MSE broadcast over the "tokens" (same mean).
+- train: a plain training loop (forward, backward, SGD step) doing as many forward/backward
+  steps as all chains together, on batches sliced from the same tensors.
+
+Units: "chain-step" = one SGLD update of one chain (one forward + backward on one batch);
+"training step" = one forward + backward + optimizer step of the plain loop. We report
+``time per chain-step / time per training step`` (sampling overhead; <= 1.3 is the target).
+Each figure is the best of ``--repeats`` runs after one warm-up (ours and the training loop
+alternate), to damp noise on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".devinterp-venv"
+NUM_CHAINS = 4
+LR, NBETA, LOCALIZATION = 1e-4, 10.0, 1.0
+
+CASES = {
+    # name: (widths, activation, batch size)
+    "dln-8-8-8-8-b64": ([8, 8, 8, 8], False, 64),
+    "mlp-32-128-128-8-b256": ([32, 128, 128, 8], True, 256),
+}
+
+
+def build_model(widths: list[int], relu: bool) -> nn.Module:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if relu and i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def make_data(widths: list[int], n: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, widths[0], generator=g), torch.randn(n, widths[-1], generator=g)
+
+
+def mse(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def ours_runner(model, x, y, batch, draws: int):
+    from devinterp_lightning import estimate_llc
+
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, drop_last=True)
+
+    def run() -> None:
+        estimate_llc(model, mse, loader, lr=LR, nbeta=NBETA, localization=LOCALIZATION,
+                     num_chains=NUM_CHAINS, num_draws=draws, num_burnin_steps=0, seed=0)
+
+    return run
+
+
+def training_runner(model, x, y, batch: int, steps: int):
+    import copy
+
+    def run() -> None:
+        net = copy.deepcopy(model)
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+        perm = torch.randperm(x.shape[0])
+        pos = 0
+        for _ in range(steps):
+            if pos + batch > x.shape[0]:
+                perm, pos = torch.randperm(x.shape[0]), 0
+            idx = perm[pos : pos + batch]
+            pos += batch
+            loss = mse(net, (x[idx], y[idx]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    return run
+
+
+def best_interleaved(runners: list, repeats: int) -> list[float]:
+    """Best-of-``repeats`` wall time of each runner, alternating them so load spikes hit all alike."""
+    for run in runners:
+        run()  # warm-up (first use of torch.func imports and caches)
+    best = [math.inf] * len(runners)
+    for _ in range(repeats):
+        for i, run in enumerate(runners):
+            t = time.perf_counter()
+            run()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best
+
+
+DEVINTERP_SCRIPT = textwrap.dedent(
+    """
+    import json, math, sys, tempfile, time, warnings, os
+    warnings.filterwarnings("ignore")
+    import torch
+    from torch import nn
+    from datasets import Dataset
+    from devinterp.slt.llc import llc
+    torch.set_num_threads(1)
+    cfg = json.loads(sys.argv[1])
+    widths, relu, batch, draws, repeats = cfg["widths"], cfg["relu"], cfg["batch"], cfg["draws"], cfg["repeats"]
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if relu and i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    model = nn.Sequential(*layers)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, widths[0], generator=g); y = torch.randn(4096, widths[-1], generator=g)
+    ds = Dataset.from_dict({"input_ids": torch.cat([x, y], 1).tolist()}).with_format("torch")
+    din = widths[0]
+    def loss_fn(m, ids):
+        per = ((m(ids[:, :din].float()) - ids[:, din:].float()) ** 2).mean(1)
+        return per[:, None].expand(-1, ids.shape[1] - 1)
+    def run():
+        out = tempfile.mkdtemp() + "/s.zarr"
+        return llc(model, ds, {}, lr=cfg["lr"], n_beta=cfg["nbeta"], localization=cfg["loc"],
+                   num_chains=cfg["chains"], num_draws=draws, batch_size=batch, loss_fn=loss_fn,
+                   output_path=out, num_init_loss_batches=1, device="cpu")
+    sys.stderr = open(os.devnull, "w")  # tqdm bars
+    run()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter(); run(); best = min(best, time.perf_counter() - t)
+    print(json.dumps({"seconds": best}))
+    """
+)
+
+
+def ensure_devinterp_venv() -> Path | None:
+    python = VENV / "bin" / "python"
+    if python.exists():
+        ok = subprocess.run([str(python), "-c", "import devinterp.slt.llc"], capture_output=True)
+        if ok.returncode == 0:
+            return python
+    print(f"creating {VENV} with devinterp==2.0.1 (one time) ...", flush=True)
+    try:
+        # --system-site-packages reuses the installed torch==2.13.0 instead of downloading it again
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0", "devinterp==2.0.1"],
+                       check=True)
+    except (subprocess.CalledProcessError, OSError) as err:
+        print(f"devinterp unavailable ({err}); skipping the devinterp comparison")
+        return None
+    return python
+
+
+def time_devinterp(python: Path, widths, relu, batch, draws, repeats) -> float | None:
+    cfg = dict(widths=widths, relu=relu, batch=batch, draws=draws, repeats=repeats, lr=LR, nbeta=NBETA,
+               loc=LOCALIZATION, chains=NUM_CHAINS)
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(DEVINTERP_SCRIPT)
+    proc = subprocess.run([str(python), f.name, json.dumps(cfg)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"devinterp run failed; skipping it:\n{proc.stdout[-2000:]}")
+        return None
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["seconds"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--draws", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-devinterp", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    python = None if args.no_devinterp else ensure_devinterp_venv()
+    steps = NUM_CHAINS * args.draws  # chain-steps (burn-in 0)
+    for name, (widths, relu, batch) in CASES.items():
+        torch.manual_seed(0)
+        model = build_model(widths, relu)
+        x, y = make_data(widths)
+        ours, train = best_interleaved(
+            [ours_runner(model, x, y, batch, args.draws), training_runner(model, x, y, batch, steps)], args.repeats
+        )
+        theirs = None if python is None else time_devinterp(python, widths, relu, batch, args.draws, args.repeats)
+        print(f"\n{name}: {NUM_CHAINS} chains x {args.draws} steps, batch {batch}, 1 thread")
+        print(f"  ours        {ours:7.3f} s  ({ours / steps * 1e3:.3f} ms per chain-step)")
+        print(f"  train loop  {train:7.3f} s  ({train / steps * 1e3:.3f} ms per training step)")
+        if theirs is not None:
+            print(f"  devinterp   {theirs:7.3f} s  ({theirs / steps * 1e3:.3f} ms per chain-step)")
+            print(f"  speed-up vs devinterp: {theirs / ours:.2f}x")
+        print(f"  chain-step / training step: {ours / train:.2f}")
+
+
+if __name__ == "__main__":
+    main()
