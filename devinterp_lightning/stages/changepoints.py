@@ -95,12 +95,42 @@ def segment(
     algos = {"binseg": rpt.Binseg, "pelt": rpt.Pelt, "bottomup": rpt.BottomUp}
     if method not in algos:
         raise ValueError(f"unknown changepoint method {method!r}; use one of {sorted(algos)}")
-    algo = algos[method](model=model, min_size=min_size, jump=1).fit(x)
+    if model == "l2":
+        algo = algos[method](custom_cost=_fast_l2_cost(), min_size=min_size, jump=1).fit(x)
+    else:
+        algo = algos[method](model=model, min_size=min_size, jump=1).fit(x)
     try:
         bkps = algo.predict(pen=pen)
     except rpt.exceptions.BadSegmentationParameters:
         return []
     return [int(b) for b in bkps if 0 < b < n]
+
+
+def _fast_l2_cost() -> Any:
+    """ruptures' ``l2`` cost with O(1) segment errors from cumulative sums (same values as
+    ``CostL2``: the sum of squared deviations from the segment mean), ~10x faster per refit."""
+    from ruptures.base import BaseCost
+
+    class CumsumL2(BaseCost):
+        model = "l2"
+        min_size = 1
+
+        def fit(self, signal: np.ndarray) -> CumsumL2:
+            x = np.asarray(signal, dtype=float).reshape(len(signal), -1)
+            self.signal = x
+            zero = np.zeros((1, x.shape[1]))
+            # Summed over dimensions at the end, so a 1-d series is kept as plain floats: per-call
+            # numpy overhead would dominate the O(1) arithmetic.
+            self._s1 = np.concatenate([zero, np.cumsum(x, axis=0)]).tolist()
+            self._s2 = np.concatenate([zero, np.cumsum(x**2, axis=0)]).sum(axis=1).tolist()
+            return self
+
+        def error(self, start: int, end: int) -> float:
+            n = end - start
+            a, b = self._s1[end], self._s1[start]
+            return (self._s2[end] - self._s2[start]) - sum((u - v) ** 2 for u, v in zip(a, b, strict=True)) / n
+
+    return CumsumL2()
 
 
 @dataclass
@@ -121,7 +151,7 @@ class ChangepointTracker:
             false-alarm rate on pure Gaussian noise low (docs/stages.md has the figures).
         min_size: minimum number of points in a segment (ruptures ``min_size``).
         confirm: number of consecutive refits in which a changepoint must appear before it is
-            reported. The detection delay is therefore at least ``min_size + confirm - 1`` points
+            reported. The detection delay is therefore at least ``(min_size - 1) + (confirm - 1)`` points
             after the onset.
         tolerance: a breakpoint within this many points of a known one is the same changepoint
             (re-segmentations move breakpoints by a point or two). Default: ``min_size``.
@@ -141,7 +171,7 @@ class ChangepointTracker:
         self,
         monitor: str,
         *,
-        penalty_scale: float = 4.0,
+        penalty_scale: float = 6.0,
         min_size: int = 3,
         confirm: int = 3,
         tolerance: int | None = None,
@@ -213,7 +243,9 @@ class ChangepointTracker:
         for b in bkps:
             if self._near(b, self._confirmed):
                 continue
-            previous = next((c for c in self._pending if abs(c.index - b) <= self.tolerance), None)
+            # A candidate counts as seen again only if it stayed within one point: a breakpoint that
+            # still wanders has an uncertain onset and, confirmed too early, would be reported twice.
+            previous = next((c for c in self._pending if abs(c.index - b) <= 1), None)
             pending.append(_Candidate(b, 1 if previous is None else previous.seen + 1))
         self._pending = pending
 
