@@ -60,8 +60,8 @@ def find_loss_drops(
 ) -> list[LossDrop]:
     """Steps where the loss drops sharply, found from the loss curve alone.
 
-    The log-loss is smoothed with a running median of ``window`` points (robust to minibatch
-    noise), its slope ``-d log(loss)/d step`` is taken with central differences, and every maximal
+    The log-loss is smoothed with a running median, then a running mean, of ``window`` points
+    (robust to minibatch noise), its slope ``-d log(loss)/d step`` is taken with central differences, and every maximal
     run where the slope exceeds ``min_rate`` (per step: ``2e-3`` = 0.2 % per step) is a candidate.
     A candidate is a drop if the loss falls by at least ``min_factor`` over it; its ``step`` is the
     point of steepest descent.
@@ -73,6 +73,8 @@ def find_loss_drops(
     half = window // 2
     padded = np.pad(y, half, mode="edge")
     smooth = np.array([np.median(padded[i:i + window]) for i in range(y.size)])
+    # then a running mean: the median removes outliers, the mean the jitter that would move the argmax
+    smooth = np.convolve(np.pad(smooth, half, mode="edge"), np.ones(window) / window, mode="valid")
     rate = -np.gradient(smooth, s)
     drops: list[LossDrop] = []
     i = 0
@@ -108,7 +110,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     text = [[str(h) for h in header]] + [[cell(v) for v in row] for row in rows]
     widths = [max(len(r[c]) for r in text) for c in range(len(header))]
-    lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in text]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in text]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

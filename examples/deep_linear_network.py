@@ -158,11 +158,13 @@ def plateau_llcs(steps: list[int], values: list[float], drops: list[Any], margin
 
     Plateau ``k`` comes after ``k`` loss drops, i.e. the network has learned ``k`` singular values.
     """
-    out = []
+    out: list[dict[str, Any]] = []
+    if not steps:
+        return out
     for k in range(len(drops) + 1):
         lo = 0 if k == 0 else drops[k - 1].end + margin
         hi = drops[k].start - margin if k < len(drops) else max(steps) + 1
-        pts = [v for s, v in zip(steps, values) if lo <= s < hi]
+        pts = [v for s, v in zip(steps, values, strict=True) if lo <= s < hi]
         if pts:
             mean = sum(pts) / len(pts)
             spread = (sum((v - mean) ** 2 for v in pts) / max(len(pts) - 1, 1)) ** 0.5
@@ -192,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         monitor="llc/mean",
         rules=[AlertRule(name="checkpoint-at-transition", monitor="llc/mean", actions=("log", "checkpoint"))],
         checkpoint_dir=logdir / "transitions",
+        turning_points=False,  # the DLN's stages are level shifts; slope turns add nothing here
     )
     losses = LossRecorder()
     trainer = pl.Trainer(
@@ -208,7 +211,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     drops = find_loss_drops(losses.steps, losses.values)
     drop_steps = [d.step for d in drops]
     transitions = [t for t in detector.transitions if t.monitor == "llc/mean"]
-    plateaus = plateau_llcs(llc_steps, llc_values, drops, margin=2 * args.llc_every)
+    # unhealthy estimates (flagged: negative, below_init, ...) are left out, as the detector does;
+    # on the first plateau (the origin, a saddle) every estimate is flagged
+    healthy = [(p.step, p.value) for p in series if not p.flags]
+    plateaus = plateau_llcs([s for s, _ in healthy], [v for _, v in healthy], drops, margin=2 * args.llc_every)
     for p in plateaus:
         p["theory"] = float(theory.deep_linear_network(widths, p["learned_rank"]))
 
@@ -227,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "transitions": [t.to_dict() for t in transitions],
         "stages": [s.to_dict() for s in detector.stages],
         "plateaus": plateaus,
-        "llc": {"steps": llc_steps, "values": llc_values, "std": [p.std for p in series]},
+        "llc": {"steps": llc_steps, "values": llc_values, "std": [p.std for p in series],
+                "flags": [list(p.flags) for p in series]},
         "checkpoints": sorted(str(p) for p in (logdir / "transitions").glob("*.ckpt")),
         "final": final,
         "train_seconds": train_clock.seconds,
