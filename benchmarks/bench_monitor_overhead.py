@@ -94,6 +94,9 @@ def main() -> None:
             f"{label:46s} {wall:8.2f} {wall / baseline:8.2f}x {wall / (wall - sampling):9.2f}x "
             f"{monitor.estimates:9d} {100 * sampling / wall:13.1f}% {sampling / max(monitor.estimates, 1):10.2f}"
         )
+        if isinstance(monitor.schedule, Adaptive):
+            points = monitor.history["llc/mean"]
+            print("    adaptive steps: " + ", ".join(f"{p.step}:{p.value:.2f}" for p in points))
 
 
 if __name__ == "__main__":

@@ -392,3 +392,7 @@ def test_lightning_cli_parses_the_example_config(monkeypatch: pytest.MonkeyPatch
     assert isinstance(monitor.schedule, LogSpaced) and monitor.schedule.per_decade == 10
     assert monitor.monitor_keys() == ["llc/mean", "llc/first/mean", "llc/last/mean"]
     assert (monitor.num_chains, monitor.num_draws, monitor.num_burnin_steps) == (4, 200, 50)
+    # and the configured run trains and measures (fewer draws to stay fast)
+    monitor.num_draws, monitor.num_burnin_steps = 5, 0
+    cli.trainer.fit(cli.model)
+    assert monitor.history.steps("llc/last/mean") == [0, 10]
