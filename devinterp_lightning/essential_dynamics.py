@@ -440,8 +440,19 @@ def find_turning_points(
     min_pairs: int = 2,
     tolerance: int | None = None,
     min_snr: float = 3.0,
+    parameter: str = "time",
+    exclude_last: int = 0,
 ) -> list[TurningPoint]:
     """Turning points of a trajectory in PC space (``scores``: ``N x k``).
+
+    ``parameter`` chooses the curve's parameter, along which smoothing and windows are measured:
+    ``"time"`` (the snapshot index) or ``"arclength"`` (the trajectory is first resampled at ``N``
+    points evenly spaced in arc length in the ``k``-dimensional PC space). Arc length suits
+    stop-and-go development (plateaus and fast transitions): a plateau shrinks to a point and the
+    turn between the arriving and the departing transition becomes a corner; the turning point is
+    then reported at the first snapshot that reached the corner (the end of the arriving move).
+    ``exclude_last`` drops turning points among the last ``exclude_last`` points of the
+    (resampled) curve, whose smoothing window is still incomplete.
 
     For each pair of components the evolute cusps are found with :func:`pair_vertices`; the
     candidates of all pairs are grouped greedily (largest turn first) with those of the other pairs
@@ -460,11 +471,46 @@ def find_turning_points(
     if n < 5:
         return []
     tol = max(2, math.ceil(sigma)) if tolerance is None else int(tolerance)
+    if parameter == "time":
+        curve = scores
+
+        def to_snapshot(j: int) -> int:
+            return j
+    elif parameter == "arclength":
+        # Jitter on a plateau would pile up arc length; a step counts only when it is clearly
+        # larger than noise: |dp|^2 > 4 * 2v, with v the per-snapshot noise variance estimated as
+        # the median squared residual of the time-smoothed curve (jumps are a minority).
+        smooth, _, _ = smooth_derivatives(scores, sigma)
+        v = float(np.median(((scores - smooth) ** 2).sum(axis=1)))
+        d2 = (np.diff(scores, axis=0) ** 2).sum(axis=1)
+        ds = np.where(d2 > 8.0 * v, np.sqrt(d2), 0.0)
+        arc = np.concatenate([[0.0], np.cumsum(ds)])
+        if arc[-1] <= 0:
+            return []
+        grid = np.linspace(0.0, arc[-1], n)
+        curve = np.stack([np.interp(grid, arc, scores[:, c]) for c in range(k)], axis=1)
+        spacing = arc[-1] / (n - 1)
+
+        radius = 3.0 * math.sqrt(2 * v) + 0.5 * spacing
+        steplen = np.sqrt(d2)
+        reach = tol * spacing + 3.0 * math.sqrt(v)
+
+        def to_snapshot(j: int) -> int:
+            # The snapshot nearest to the turning point on the curve, moved back while the
+            # trajectory was (nearly) standing still: on a plateau, the arrival (the end of the
+            # transition into it).
+            dist = np.linalg.norm(scores - curve[j], axis=1)
+            i = int(np.argmin(dist))
+            while i > 0 and steplen[i - 1] <= radius and dist[i - 1] <= reach:
+                i -= 1
+            return i
+    else:
+        raise ValueError(f"parameter must be 'time' or 'arclength', got {parameter!r}")
     pairs = list(combinations(range(k), 2))
     need = max(1, min(min_pairs, len(pairs)))
     cands: list[tuple[int, float, tuple[int, int]]] = []
     for pair in pairs:
-        verts, _ = pair_vertices(scores[:, list(pair)], sigma, min_angle, min_snr)
+        verts, _ = pair_vertices(curve[:, list(pair)], sigma, min_angle, min_snr)
         cands.extend((i, turn, pair) for i, turn, _ in verts)
     used = [False] * len(cands)
     out: list[TurningPoint] = []
@@ -483,14 +529,12 @@ def find_turning_points(
             continue
         for g in group:
             used[g] = True
-        idx = int(np.median([cands[g][0] for g in group]))
+        idx = int(np.median([cands[g][0] for g in group]))  # on the (resampled) curve
+        if idx > n - 1 - exclude_last:
+            continue
         out.append(
             TurningPoint(
-                index=idx,
-                step=int(steps_arr[idx]),
-                pairs=tuple(sorted(seen_pairs)),
-                turn=max(cands[g][1] for g in group),
-                coords=tuple(float(v) for v in scores[idx]),
+                index=idx, step=0, pairs=tuple(sorted(seen_pairs)), turn=max(cands[g][1] for g in group)
             )
         )
     # Groups are formed strongest first; two groups may still sit within tol of each other when
@@ -499,4 +543,11 @@ def find_turning_points(
     for tp in sorted(out, key=lambda t: -t.turn):
         if all(abs(tp.index - f.index) > tol for f in final):
             final.append(tp)
-    return sorted(final, key=lambda t: t.index)
+    snapshots = []
+    for tp in sorted(final, key=lambda t: t.index):
+        i = to_snapshot(tp.index)
+        coords = tuple(float(v) for v in scores[i])
+        snapshots.append(
+            TurningPoint(index=i, step=int(steps_arr[i]), pairs=tp.pairs, turn=tp.turn, coords=coords)
+        )
+    return snapshots

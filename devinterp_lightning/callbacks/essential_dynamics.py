@@ -113,6 +113,11 @@ class EssentialDynamics(Callback):
         tolerance: snapshots within which detections in different pairs count as the same one.
         image_every_n_snapshots: how often to write the PC-plane image to TensorBoard (and at the end
             of training); ``0`` disables images.
+        parameterization: ``"time"`` (smooth and measure turns along the snapshot index; best for
+            steady motion) or ``"arclength"`` (along the distance travelled; best for plateaus
+            separated by fast transitions, e.g. saddle-to-saddle dynamics). See
+            docs/essential_dynamics.md for the measured accuracy of both.
+        min_snr: both legs of a turn must be this many times the local noise.
     """
 
     def __init__(
@@ -128,6 +133,8 @@ class EssentialDynamics(Callback):
         min_pairs: int = 2,
         tolerance: int | None = None,
         image_every_n_snapshots: int = 20,
+        parameterization: str = "time",
+        min_snr: float = 3.0,
     ) -> None:
         super().__init__()
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
@@ -143,6 +150,8 @@ class EssentialDynamics(Callback):
             raise ValueError(f"smoothing is a bandwidth in snapshots and must be >= 0, got {smoothing}")
         if not 0 < min_angle_deg < 360:
             raise ValueError(f"min_angle_deg must be in (0, 360), got {min_angle_deg}")
+        if parameterization not in ("time", "arclength"):
+            raise ValueError(f"parameterization must be 'time' or 'arclength', got {parameterization!r}")
         if probe is None:
             raise ValueError(
                 "probe is required: a fixed batch of inputs (Tensor/tuple/dict) or a callable returning one"
@@ -157,6 +166,8 @@ class EssentialDynamics(Callback):
         self.min_pairs = int(min_pairs)
         self.tolerance = tolerance
         self.image_every_n_snapshots = int(image_every_n_snapshots)
+        self.parameterization = parameterization
+        self.min_snr = float(min_snr)
         self.pca = IncrementalPCA(rank=rank, max_snapshots=max_snapshots)
         self.history = SeriesStore()
         self.turning_points: list[TurningPoint] = []  # confirmed, in order of confirmation
@@ -278,6 +289,9 @@ class EssentialDynamics(Callback):
             min_angle=math.radians(self.min_angle_deg),
             min_pairs=self.min_pairs,
             tolerance=self.tolerance,
+            min_snr=self.min_snr,
+            parameter=self.parameterization,
+            exclude_last=lag,  # points whose smoothing window is still incomplete
         )
         ready = steps[n - 1 - lag]  # snapshots up to here have their full window
         tol_snap = self.tolerance if self.tolerance is not None else max(2, math.ceil(self.smoothing))
@@ -285,8 +299,13 @@ class EssentialDynamics(Callback):
         tol_steps = tol_snap * spacing
         new: list[TurningPoint] = []
         for tp in found:
-            if tp.step > ready or tp.step <= self._frontier_step - tol_steps:
-                continue  # not judged yet / judged long ago (the basis moved, not the trajectory)
+            # In time, each stretch is judged once, when its window completes; later candidates
+            # there come from a moved basis, not a moved trajectory. In arc length a plateau's
+            # arrival becomes a turn only when the trajectory leaves it, possibly long after.
+            if self.parameterization == "time" and (
+                tp.step > ready or tp.step <= self._frontier_step - tol_steps
+            ):
+                continue
             if any(abs(tp.step - old.step) <= tol_steps for old in self.turning_points):
                 continue
             new.append(tp)
