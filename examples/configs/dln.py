@@ -17,22 +17,28 @@ from torch.utils.data import DataLoader, TensorDataset
 
 
 def teacher_data(
-    num_samples: int = 1024, width: int = 16, rank: int = 3, noise: float = 0.1, seed: int = 0
+    num_samples: int = 1024, width: int = 16, rank: int = 3, noise: float = 0.1, seed: int = 0,
+    teacher_seed: int = 0,
 ) -> TensorDataset:
-    """``y = T x + noise`` with a rank-``rank`` teacher ``T`` with singular values 4, 3, 2, ..."""
-    g = torch.Generator().manual_seed(seed)
-    u, _ = torch.linalg.qr(torch.randn(width, width, generator=g))
-    v, _ = torch.linalg.qr(torch.randn(width, width, generator=g))
+    """``y = T x + noise`` with a rank-``rank`` teacher ``T`` with singular values 4, 3, 2, ...
+
+    ``teacher_seed`` fixes the teacher, ``seed`` the samples: held-out data keeps the teacher and
+    changes ``seed``.
+    """
+    t = torch.Generator().manual_seed(teacher_seed)
+    u, _ = torch.linalg.qr(torch.randn(width, width, generator=t))
+    v, _ = torch.linalg.qr(torch.randn(width, width, generator=t))
     singular = torch.zeros(width)
     singular[:rank] = torch.arange(rank + 1, 1, -1, dtype=torch.float32)
     teacher = u @ torch.diag(singular) @ v.T
+    g = torch.Generator().manual_seed(seed + 1_000_003)
     x = torch.randn(num_samples, width, generator=g)
     y = x @ teacher.T + noise * torch.randn(num_samples, width, generator=g)
     return TensorDataset(x, y)
 
 
 def probe_loader(batch_size: int = 64, seed: int = 1) -> DataLoader:
-    """Held-out teacher data for the monitor to sample on (``data: examples.configs.dln.probe_loader``)."""
+    """Held-out samples of the training teacher for the monitor (``data: examples.configs.dln.probe_loader``)."""
     return DataLoader(teacher_data(512, seed=seed), batch_size=batch_size, shuffle=True)
 
 
