@@ -62,8 +62,9 @@ def test_step_function_is_found_with_direction_levels_and_delay():
     # levels are those known at confirmation: only a handful of points after the onset
     n_after = down.step // 10 - 80
     assert down.level_after == pytest.approx(1.2, abs=3 / np.sqrt(n_after))
-    # earliest confirmation: (min_size - 1) + (confirm - 1) = 4 points after the onset (steps of 10)
-    assert all(40 <= t.detection_delay <= 200 for t in found), [t.detection_delay for t in found]
+    # earliest confirmation: (min_size - 1) + (confirm - 1) = 4 points after the onset (steps of 10),
+    # 3 when the onset estimate moved one point later while being confirmed
+    assert all(30 <= t.detection_delay <= 200 for t in found), [t.detection_delay for t in found]
 
 
 def test_precision_recall_few_seeds():

@@ -12,8 +12,8 @@ level shift: under pure noise that reduction is ``sigma**2`` times a maximum of 
 variables, which grows like ``log n``.
 
 A changepoint is reported (a :class:`~devinterp_lightning.stages.events.Transition`) only once it is
-*confirmed*: it has been found, within ``tolerance`` points of the same place, in ``confirm``
-consecutive refits. Confirmed changepoints are never retracted; later refits that put a breakpoint
+*confirmed*: it has been found within one point of the same place in ``confirm`` consecutive
+refits. Confirmed changepoints are never retracted; later refits that put a breakpoint
 within ``tolerance`` points of a confirmed one are matched to it and not reported again.
 """
 
@@ -151,8 +151,9 @@ class ChangepointTracker:
             false-alarm rate on pure Gaussian noise low (docs/stages.md has the figures).
         min_size: minimum number of points in a segment (ruptures ``min_size``).
         confirm: number of consecutive refits in which a changepoint must appear before it is
-            reported. The detection delay is therefore at least ``(min_size - 1) + (confirm - 1)`` points
-            after the onset.
+            reported, within one point of the same place. The detection delay is therefore
+            ``(min_size - 1) + (confirm - 1)`` points after the onset at the earliest (one less when
+            the onset estimate moved one point later while being confirmed).
         tolerance: a breakpoint within this many points of a known one is the same changepoint
             (re-segmentations move breakpoints by a point or two). Default: ``min_size``.
         method: ruptures search method (``"binseg"`` is O(n log n) per refit; ``"pelt"`` is exact
