@@ -190,14 +190,18 @@ class IncrementalPCA:
         if n < 2 or r == 0:
             return scores, axes, variances
         centered = self.coords - self.coords.mean(axis=0)
-        _, s, vh = np.linalg.svd(centered, full_matrices=False)
-        m = min(k, vh.shape[0])
-        w = vh[:m].T
+        # Eigen-decomposition of the small r x r scatter matrix rather than an SVD of the N x r
+        # coordinates: the same axes, and LAPACK stays single-threaded on tiny inputs (a threaded
+        # SVD runs every snapshot, next to the training's own threads).
+        evals, evecs = np.linalg.eigh(centered.T @ centered)
+        order = np.argsort(evals)[::-1]
+        m = min(k, r)
+        w = evecs[:, order[:m]]
         sc = centered @ w
         sign = np.where(sc[0] > 0, -1.0, 1.0)
         scores[:, :m] = sc * sign
         axes[:, :m] = w * sign
-        variances[:m] = s[:m] ** 2 / n
+        variances[:m] = np.clip(evals[order[:m]], 0.0, None) / n
         return scores, axes, variances
 
     def project(self, x: torch.Tensor | np.ndarray, k: int) -> np.ndarray:

@@ -84,20 +84,20 @@ def test_incremental_pca_is_exact_when_the_affine_span_fits_the_rank() -> None:
 def test_incremental_pca_truncation_is_close_and_reports_its_loss() -> None:
     rng = np.random.default_rng(1)
     latent = np.cumsum(rng.standard_normal((150, 3)), axis=0) * np.array([5.0, 3.0, 2.0])
-    x = latent @ np.linalg.qr(rng.standard_normal((200, 3)))[0].T + 0.05 * rng.standard_normal((150, 200))
+    x = latent @ np.linalg.qr(rng.standard_normal((60, 3)))[0].T + 0.05 * rng.standard_normal((150, 60))
     pca = IncrementalPCA(rank=5, max_snapshots=500)
     for i, row in enumerate(x):
         pca.add(row, i)
     scores, _, _ = pca.components(3)
     exact = _full_pca_scores(x, 3)
     rel = np.linalg.norm(scores - exact) / np.linalg.norm(exact)
-    assert rel < 0.02, rel  # measured 3e-4..6e-3 over seeds 0-9
+    assert rel < 2e-3, rel  # measured 3e-5..1.3e-4 over seeds 0-5
     c = x - x.mean(axis=0)
     s = np.linalg.svd(c, compute_uv=False)
     true_dropped = float((s[5:] ** 2).sum() / (s**2).sum())
-    assert pca.residual_fraction >= 0.5 * true_dropped  # an honest (upper-bound-ish) loss estimate
-    assert pca.residual_fraction < 0.05
-    assert pca.basis.shape == (200, 5) and pca.coords.shape == (150, 5)
+    # the reported loss is an upper bound close to the truth: ratio 1.01-1.03 over seeds 0-5
+    assert true_dropped <= pca.residual_fraction <= 1.5 * true_dropped
+    assert pca.basis.shape == (60, 5) and pca.coords.shape == (150, 5)
 
 
 def test_incremental_pca_memory_is_bounded_and_snapshots_stay_evenly_spaced() -> None:
