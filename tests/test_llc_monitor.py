@@ -396,3 +396,66 @@ def test_lightning_cli_parses_the_example_config(monkeypatch: pytest.MonkeyPatch
     monitor.num_draws, monitor.num_burnin_steps = 5, 0
     cli.trainer.fit(cli.model)
     assert monitor.history.steps("llc/last/mean") == [0, 10]
+
+
+def test_calibrate_once_chooses_settings_once_and_logs_them(tmp_path):
+    """calibrate="once" calibrates at the first scheduled step only, samples every later estimate
+    with the chosen settings, logs them as hyperparameters and keeps them in the checkpoint."""
+    import csv
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from devinterp_lightning import LLCMonitor
+    from devinterp_lightning.sampling import calibrate as calibrate_module
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    y = x @ torch.randn(4, 2)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+
+    class Regression(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(4, 2)
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    calls = []
+    real = calibrate_module.calibrate_llc
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    calibrate_module.calibrate_llc = counting
+    try:
+        monitor = LLCMonitor(
+            lambda m, b: torch.nn.functional.mse_loss(m.net(b[0]), b[1]), data=loader, every_n_steps=[5, 10],
+            num_chains=2, num_draws=60, num_burnin_steps=30, calibrate="once", lr=123.0,
+        )
+        trainer = pl.Trainer(
+            max_steps=12, logger=CSVLogger(tmp_path), callbacks=[monitor], enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path,
+        )
+        trainer.fit(Regression(), loader)
+    finally:
+        calibrate_module.calibrate_llc = real
+    assert len(calls) == 1
+    chosen = monitor.calibration.as_kwargs()
+    assert monitor.lr == chosen["lr"] != 123.0
+    for res in monitor.last_results.values():
+        assert res.lr == chosen["lr"] and res.localization == chosen["localization"]
+    assert monitor.state_dict()["calibrated_settings"]["lr"] == chosen["lr"]
+    hparams = (tmp_path / "lightning_logs" / "version_0" / "hparams.yaml").read_text()
+    assert "llc/calibrated/lr" in hparams
+    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as f:
+        steps = [row["step"] for row in csv.DictReader(f) if row.get("llc/mean")]
+    assert steps == ["5", "10"]
+    restored = LLCMonitor(lambda m, b: 0.0, data=loader, calibrate="once")
+    restored.load_state_dict(monitor.state_dict())
+    assert restored.lr == chosen["lr"] and restored.localization == chosen["localization"]

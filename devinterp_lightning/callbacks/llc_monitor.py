@@ -165,6 +165,12 @@ class LLCMonitor(Callback):
         num_data_batches: how many train batches to cache when ``data`` is None.
         progress: report sampling progress in the progress bar (or the console every ~10 s).
         prefix: first component of every metric name.
+        calibrate: ``"never"`` (default) samples with ``lr``, ``localization`` and ``nbeta`` as given;
+            ``"once"`` runs :func:`~devinterp_lightning.sampling.calibrate.calibrate_llc` at the first
+            scheduled step (on ``data``, all weights) and keeps the chosen ``lr`` and ``localization``
+            for the whole run, so the series stays comparable (the given ``lr`` and ``localization``
+            are then unused; ``nbeta`` is kept as given). The chosen settings are logged as
+            hyperparameters (``llc/calibrated/*``), kept in :attr:`calibration` and in the checkpoint.
     """
 
     def __init__(
@@ -186,6 +192,7 @@ class LLCMonitor(Callback):
         num_data_batches: int = 16,
         progress: bool = True,
         prefix: str = "llc",
+        calibrate: str = "never",
     ) -> None:
         self.loss_fn = resolve_dotted(loss_fn) if isinstance(loss_fn, str) else loss_fn
         if not callable(self.loss_fn):
@@ -229,6 +236,12 @@ class LLCMonitor(Callback):
         self.num_data_batches = num_data_batches
         self.progress = progress
         self.prefix = prefix
+        if calibrate not in ("never", "once"):
+            raise ValueError(f"calibrate must be 'never' or 'once'; got {calibrate!r}")
+        self.calibrate = calibrate
+        #: the calibration run at the first scheduled step (``calibrate="once"``), else None
+        self.calibration: Any = None
+        self._calibrated_settings: dict[str, float] | None = None
 
         self.history = SeriesStore()
         #: the last estimates, by metric base name (``"llc"``, ``"llc/layer2"``, ...)
@@ -364,6 +377,32 @@ class LLCMonitor(Callback):
         """Chains run by ``rank``: chain ``c`` belongs to rank ``c % world_size``."""
         return len(range(rank, self.num_chains, world_size))
 
+    def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """Choose lr and localization once, on rank 0, and share them with every rank."""
+        from devinterp_lightning.sampling.calibrate import calibrate_llc
+
+        settings = None
+        if trainer.is_global_zero:
+            with _forked_host_rng():
+                self.calibration = calibrate_llc(
+                    pl_module, self.loss_fn, self._data, nbeta=self.nbeta, num_chains=self.num_chains,
+                    num_draws=self.num_draws, num_burnin_steps=self.num_burnin_steps,
+                    num_steps_bw_draws=self.num_steps_bw_draws, seed=_derive_seed(self.seed, step, 0),
+                    device=pl_module.device,
+                )
+            chosen = self.calibration.as_kwargs()
+            settings = {k: float(chosen[k]) for k in ("lr", "localization", "nbeta")}
+            log.info("LLCMonitor: calibrated at step %d: %s (ok=%s)", step, settings, self.calibration.ok)
+        settings = trainer.strategy.broadcast(settings, src=0)
+        self._apply_calibration(settings)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_hyperparams(self.calibration.hparams())
+
+    def _apply_calibration(self, settings: dict[str, float]) -> None:
+        self._calibrated_settings = dict(settings)
+        self.lr, self.localization, self.nbeta = settings["lr"], settings["localization"], settings["nbeta"]
+
     def _estimate(self, model: torch.nn.Module, step: int, rank: int, world_size: int, device: torch.device,
                   progress: Callable[[int, int], None] | None) -> dict[str, LLCResult]:
         return estimate_llcs(
@@ -375,6 +414,8 @@ class LLCMonitor(Callback):
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         self._last_step = step
+        if self.calibrate == "once" and self._calibrated_settings is None:
+            self._calibrate(trainer, pl_module, step)
         rank, world_size = trainer.global_rank, trainer.world_size
         progress = _Progress(trainer, step) if self.progress else None
         local = self._estimate(pl_module, step, rank, world_size, pl_module.device, progress)
@@ -462,6 +503,8 @@ class LLCMonitor(Callback):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"history": self.history.state_dict(), "last_step": self._last_step, "version": 1}
+        if self._calibrated_settings is not None:
+            state["calibrated_settings"] = dict(self._calibrated_settings)
         if callable(getattr(self.schedule, "state_dict", None)):
             state["schedule"] = self.schedule.state_dict()  # type: ignore[attr-defined]
         return state
@@ -469,5 +512,8 @@ class LLCMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history.load_state_dict(state_dict["history"])
         self._last_step = int(state_dict["last_step"])
+        if state_dict.get("calibrated_settings") is not None:
+            # a resumed run keeps sampling with the settings its series was measured with
+            self._apply_calibration(state_dict["calibrated_settings"])
         if "schedule" in state_dict and callable(getattr(self.schedule, "load_state_dict", None)):
             self.schedule.load_state_dict(state_dict["schedule"])  # type: ignore[attr-defined]
