@@ -6,7 +6,9 @@ Figures (measured with this code; reproduced by the slow tests below, which prin
     d = 4 sigma: precision 0.99, recall 1.00, delay median 4 points (p90 8, max 12)
     d = 3 sigma: precision 0.96, recall 0.99, delay median 6 (p90 14)
     d = 2 sigma: precision 0.88, recall 0.83, delay median 11 (p90 25)
-  pure noise: see docs/stages.md (false-alarm rate per run).
+  pure noise, 100 points, 400 seeds: 3 runs (0.75%) with a false changepoint, 6 (1.5%) with a
+  false turning point (docs/stages.md has the other settings).
+  turning points on a tent of slope 0.5 sigma/point: recall 84/100, delay median 10 points.
 """
 
 from __future__ import annotations
@@ -160,15 +162,26 @@ def test_precision_recall_many_seeds():
 
 @pytest.mark.slow
 def test_false_alarm_rate_on_pure_noise():
-    # Measured over 400 seeds (n=100, noise estimated from the series): see docs/stages.md.
-    runs = 200
-    alarms = sum(
-        bool(detect_changepoints(list(range(100)), np.random.default_rng(10_000 + s).normal(size=100)))
-        for s in range(runs)
-    )
-    turns = sum(
-        bool(detect_turning_points(list(range(100)), np.random.default_rng(10_000 + s).normal(size=100)))
-        for s in range(runs)
-    )
+    # 400 series of 100 points, noise estimated from the series (the docs/stages.md table).
+    # Measured: 3/400 runs with a false changepoint, 6/400 with a false turning point; the bounds
+    # (2% and 3% of runs) leave room for numerical differences across platforms.
+    runs = 400
+    series = [np.random.default_rng(10_000 + s).normal(size=100) for s in range(runs)]
+    alarms = sum(bool(detect_changepoints(list(range(100)), x)) for x in series)
+    turns = sum(bool(detect_turning_points(list(range(100)), x)) for x in series)
     print(f"false-alarm runs: changepoints {alarms}/{runs}, turning points {turns}/{runs}")
-    assert alarms <= 6 and turns <= 6  # i.e. <= 3% of runs; measured rates in docs/stages.md
+    assert alarms <= 8 and turns <= 12
+
+
+def test_slope_z_scores_match_least_squares_fits():
+    from devinterp_lightning.stages.turning_points import slope_z_scores
+
+    y = np.random.default_rng(0).normal(size=40)
+    w, sigma = 5, 1.3
+    z = slope_z_scores(y, w, sigma)
+    t = np.arange(w + 1.0)
+    se = sigma / np.sqrt(((t - t.mean()) ** 2).sum())  # standard error of a fitted slope
+    for i in range(w, 40 - w):
+        assert z[i, 0] == pytest.approx(np.polyfit(t, y[i - w : i + 1], 1)[0] / se, abs=1e-9)
+        assert z[i, 1] == pytest.approx(np.polyfit(t, y[i : i + w + 1], 1)[0] / se, abs=1e-9)
+    assert np.isnan(z[: w]).all() and np.isnan(z[40 - w :]).all()

@@ -16,7 +16,6 @@ changepoint detector reports the level shifts around it instead.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,27 +25,25 @@ from devinterp_lightning.stages.changepoints import estimate_noise
 from devinterp_lightning.stages.events import Transition
 
 
-def _slope_z(t: np.ndarray, y: np.ndarray, sigma: float) -> float:
-    tc = t - t.mean()
-    sxx = float(np.dot(tc, tc))
-    if sxx <= 0:
-        return 0.0
-    slope = float(np.dot(tc, y - y.mean())) / sxx
-    return slope * math.sqrt(sxx) / max(sigma, 1e-12)
-
-
 def slope_z_scores(values: Sequence[float], window: int, sigma: float) -> np.ndarray:
     """``(n, 2)`` array of (left, right) slope z-scores per point; nan where a window is incomplete.
 
     Slopes are taken against the point index (the z-score does not depend on the abscissa unit).
+    The least-squares slope over ``window + 1`` points is a fixed linear filter of them,
+    ``sum(tc * y) / sum(tc**2)`` with ``tc`` the centred abscissae, so all windows are one correlation.
     """
     y = np.asarray(values, dtype=float)
     n = y.size
     out = np.full((n, 2), np.nan)
-    t = np.arange(window + 1, dtype=float)
-    for i in range(window, n - window):
-        out[i, 0] = _slope_z(t, y[i - window : i + 1], sigma)
-        out[i, 1] = _slope_z(t, y[i : i + window + 1], sigma)
+    if n < 2 * window + 1:
+        return out
+    tc = np.arange(window + 1, dtype=float) - window / 2.0
+    sxx = float(np.dot(tc, tc))
+    # z = slope / (sigma / sqrt(sxx)) = dot(tc, y_window) / (sigma * sqrt(sxx))
+    z = np.correlate(y, tc, mode="valid") / (max(sigma, 1e-12) * np.sqrt(sxx))  # z[j]: window y[j:j+w+1]
+    idx = np.arange(window, n - window)
+    out[idx, 0] = z[idx - window]
+    out[idx, 1] = z[idx]
     return out
 
 
