@@ -271,3 +271,19 @@ def test_estimate_llcs_matches_separate_estimates() -> None:
     # the restricted estimates are smaller than the full one (fewer moving weights)
     assert together["last"].mean < together["all"].mean
     assert together["half"].mean < together["all"].mean
+
+
+def test_loop_path_matches_vmap_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Big models on a CPU loop over chains with plain autograd instead of vmap (it is faster
+    # there). Same seed -> same noise and batches, so both paths must give the same chains up
+    # to float rounding.
+    from devinterp_lightning.sampling import sgld
+
+    x, y, _ = regression_data()
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
+    vmapped = estimate_llc(model, mse, loader, seed=4, **FAST)
+    monkeypatch.setattr(sgld, "LOOP_THRESHOLD", 0)
+    looped = estimate_llc(model, mse, loader, seed=4, **FAST)
+    assert torch.allclose(vmapped.loss_trace, looped.loss_trace, rtol=1e-4, atol=1e-6)
+    assert looped.mean == pytest.approx(vmapped.mean, rel=1e-3, abs=1e-3)

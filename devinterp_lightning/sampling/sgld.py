@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
+from torch.utils._pytree import tree_leaves
 
 logger = logging.getLogger("devinterp_lightning")
 
@@ -45,6 +46,27 @@ class _LossModule(nn.Module):
 
     def forward(self, batch: Any) -> Tensor:
         return self.loss_fn(self.model, batch)
+
+
+def _compute_bound_on_cpu(stacked: Mapping[str, Tensor], batch: Any) -> bool:
+    """True when a plain autograd loop over lanes beats vmap: big per-lane work on a CPU.
+
+    Measured with one thread on an MLP: vmap wins while (moving weights x batch size) is below a
+    few million (it removes per-call overhead); above, the loop's plain matmuls are ~7% faster
+    than vmap's batched ones. On GPUs vmap batches kernels and always wins. Deterministic (no
+    timing), so a fixed seed always takes the same path and gives the same numbers.
+    """
+    first = next(iter(stacked.values()))
+    if first.device.type != "cpu":
+        return False
+    leaves = [t for t in tree_leaves(batch) if isinstance(t, Tensor) and t.ndim > 0]
+    batch_size = int(leaves[0].shape[0]) if leaves else 1
+    per_lane = sum(t[0].numel() for t in stacked.values())
+    return per_lane * batch_size >= LOOP_THRESHOLD
+
+
+#: moving weights x batch size above which CPU sampling loops over lanes instead of using vmap.
+LOOP_THRESHOLD = 4_000_000
 
 
 @dataclass
@@ -125,6 +147,8 @@ class LossEvaluator:
 
     def grad_and_loss(self, stacked: dict[str, Tensor], batch: Any) -> tuple[dict[str, Tensor], Tensor]:
         """Per-lane gradients ``{name: [L, *shape]}`` and batch losses ``[L]``."""
+        if self.vectorize is None and _compute_bound_on_cpu(stacked, batch):
+            self.vectorize = False
         if self.vectorize is None:
             try:
                 out = self._vmapped(stacked, batch)
