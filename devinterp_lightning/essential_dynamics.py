@@ -435,6 +435,22 @@ class TurningPoint:
         )
 
 
+def denoised_arclength(scores: np.ndarray, sigma: float) -> tuple[np.ndarray, float]:
+    """Cumulative distance travelled (``N``, starting at 0) counting only steps clearly larger than
+    noise, and the per-snapshot noise variance ``v``.
+
+    Jitter on a plateau would otherwise pile up arc length: a step counts only when
+    ``|dp|^2 > 4 * 2v``, with ``v`` estimated as the median squared residual of the time-smoothed
+    curve (fast transitions are a minority of snapshots, so the median ignores them).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    smooth, _, _ = smooth_derivatives(scores, sigma)
+    v = float(np.median(((scores - smooth) ** 2).sum(axis=1)))
+    d2 = (np.diff(scores, axis=0) ** 2).sum(axis=1)
+    ds = np.where(d2 > 8.0 * v, np.sqrt(d2), 0.0)
+    return np.concatenate([[0.0], np.cumsum(ds)]), v
+
+
 def find_turning_points(
     scores: np.ndarray,
     steps: list[int] | np.ndarray | None = None,
@@ -481,14 +497,8 @@ def find_turning_points(
         def to_snapshot(j: int) -> int:
             return j
     elif parameter == "arclength":
-        # Jitter on a plateau would pile up arc length; a step counts only when it is clearly
-        # larger than noise: |dp|^2 > 4 * 2v, with v the per-snapshot noise variance estimated as
-        # the median squared residual of the time-smoothed curve (jumps are a minority).
-        smooth, _, _ = smooth_derivatives(scores, sigma)
-        v = float(np.median(((scores - smooth) ** 2).sum(axis=1)))
+        arc, v = denoised_arclength(scores, sigma)
         d2 = (np.diff(scores, axis=0) ** 2).sum(axis=1)
-        ds = np.where(d2 > 8.0 * v, np.sqrt(d2), 0.0)
-        arc = np.concatenate([[0.0], np.cumsum(ds)])
         if arc[-1] <= 0:
             return []
         grid = np.linspace(0.0, arc[-1], n)

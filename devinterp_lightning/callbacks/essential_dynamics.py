@@ -19,6 +19,7 @@ from devinterp_lightning.essential_dynamics import (
     IncrementalPCA,
     TurningPoint,
     confirmation_lag,
+    denoised_arclength,
     find_turning_points,
     planar_geometry,
 )
@@ -133,7 +134,7 @@ class EssentialDynamics(Callback):
         min_pairs: int = 2,
         tolerance: int | None = None,
         image_every_n_snapshots: int = 20,
-        parameterization: str = "time",
+        parameterization: str = "arclength",
         min_snr: float = 3.0,
     ) -> None:
         super().__init__()
@@ -297,6 +298,23 @@ class EssentialDynamics(Callback):
         tol_snap = self.tolerance if self.tolerance is not None else max(2, math.ceil(self.smoothing))
         spacing = (steps[-1] - steps[0]) / max(n - 1, 1)
         tol_steps = tol_snap * spacing
+        if self.parameterization == "arclength":
+            # The same corner can map to a slightly different snapshot as the basis moves; two
+            # turning points are the same when close in steps or when little distance was
+            # travelled between them.
+            arc, _ = denoised_arclength(scores, self.smoothing)
+            where = {s: i for i, s in enumerate(steps)}
+            arc_tol = (tol_snap + 1) * arc[-1] / max(n - 1, 1)
+
+            def same(a: int, b: int) -> bool:
+                if abs(a - b) <= tol_steps:
+                    return True
+                return a in where and b in where and abs(arc[where[a]] - arc[where[b]]) <= arc_tol
+        else:
+
+            def same(a: int, b: int) -> bool:
+                return abs(a - b) <= tol_steps
+
         new: list[TurningPoint] = []
         for tp in found:
             # In time, each stretch is judged once, when its window completes; later candidates
@@ -306,7 +324,7 @@ class EssentialDynamics(Callback):
                 tp.step > ready or tp.step <= self._frontier_step - tol_steps
             ):
                 continue
-            if any(abs(tp.step - old.step) <= tol_steps for old in self.turning_points):
+            if any(same(tp.step, old.step) for old in self.turning_points):
                 continue
             new.append(tp)
         self._frontier_step = max(self._frontier_step, ready)
