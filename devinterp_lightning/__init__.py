@@ -51,6 +51,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    # ruff: noqa: F401 - these imports exist for type checkers; runtime access goes through __getattr__
     from devinterp_lightning import theory
     from devinterp_lightning.callbacks.essential_dynamics import EssentialDynamics
     from devinterp_lightning.callbacks.llc_monitor import LLCMonitor

@@ -1,6 +1,13 @@
 from __future__ import annotations
 
-import pytest
+import os
+
+# Threaded BLAS on tiny matrices is slower than one thread, and much slower on a loaded 2-core CI
+# machine; set before numpy/torch are imported by any test module.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -52,9 +52,6 @@ def test_deep_linear_network_short_run(tmp_path: Path) -> None:
     assert out["loss_drops"] == [] and out["transitions"] == []
 
 
-@pytest.mark.xfail(reason="StageDetector's rules annotation (str | PathLike | AlertRule | Iterable[AlertRule]) "
-                          "makes jsonargparse replace a rules path in a LightningCLI config by the str() of the "
-                          "file's content; reported to the StageDetector owner", strict=False)
 def test_lightning_cli_config_runs(tmp_path: Path) -> None:
     from examples.lightning_cli.main import main
 

@@ -72,7 +72,7 @@ class StageDetector(Callback):
     def __init__(
         self,
         monitor: str = "llc/mean",
-        rules: str | os.PathLike[str] | AlertRule | Iterable[AlertRule] | None = None,
+        rules: str | list[AlertRule] | None = None,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         *,
         every_n_steps: int | None = None,
