@@ -39,7 +39,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from devinterp_lightning import AlertRule, LLCMonitor, StageDetector, estimate_llc, theory
+from devinterp_lightning import AlertRule, EssentialDynamics, LLCMonitor, StageDetector, estimate_llc, theory
 from examples._common import (
     LossRecorder,
     Stopwatch,
@@ -196,10 +196,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         checkpoint_dir=logdir / "transitions",
         turning_points=False,  # the DLN's stages are level shifts; slope turns add nothing here
     )
+    # the second probe: the network's outputs on a fixed batch, as a trajectory in function space
+    essential_dynamics = EssentialDynamics(probe=data.tensors[0][:64], every_n_steps=10)
     losses = LossRecorder()
     trainer = pl.Trainer(
         max_steps=args.max_steps, accelerator="cpu", devices=1, logger=TensorBoardLogger(logdir, name="", version=""),
-        callbacks=[monitor, detector, losses], log_every_n_steps=5, enable_checkpointing=False,
+        callbacks=[monitor, detector, essential_dynamics, losses], log_every_n_steps=5, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=not args.quiet,
     )
     with Stopwatch() as train_clock:
@@ -235,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "plateaus": plateaus,
         "llc": {"steps": llc_steps, "values": llc_values, "std": [p.std for p in series],
                 "flags": [list(p.flags) for p in series]},
+        "ed_turning_points": [t.changepoint_step for t in essential_dynamics.published_transitions("ed/trajectory")],
         "checkpoints": sorted(str(p) for p in (logdir / "transitions").glob("*.ckpt")),
         "final": final,
         "train_seconds": train_clock.seconds,
@@ -258,8 +261,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if final is not None:
             print(f"\nFinal weights, weak localization: LLC {final['llc']:.1f} +- {final['std']:.1f} "
                   f"(theory {final['theory']:.1f}); training took {train_clock.seconds:.0f} s")
+        print(f"Essential dynamics: turning points of the output trajectory at steps {result['ed_turning_points']}")
         print(f"Checkpoints: {len(result['checkpoints'])} in {logdir / 'transitions'}; "
-              f"TensorBoard: tensorboard --logdir {logdir}")
+              f"TensorBoard: tensorboard --logdir {logdir}; report: devinterp-lightning report {logdir}")
     return result
 
 

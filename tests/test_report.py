@@ -178,3 +178,23 @@ def test_cli_exit_status_and_message_without_traceback(tmp_path: Path) -> None:
     helped = _cli("--help")
     assert helped.returncode == 0 and "report" in helped.stdout
     assert main([]) == 2  # no command: help, non-zero
+
+
+@pytest.mark.slow
+def test_report_on_a_deep_linear_network_example_run(tmp_path: Path) -> None:
+    """The report reads a real run of the main demo: loss, LLC, stages and the ED trajectory."""
+    root = Path(__file__).resolve().parents[1]
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from devinterp_lightning.cli import main as cli_main
+    from examples.deep_linear_network import main as run_demo
+
+    logdir = tmp_path / "dln"
+    run_demo(["--logdir", str(logdir), "--max-steps", "700", "--quiet", "--no-final-llc"])
+    output = tmp_path / "report.html"
+    assert cli_main(["report", str(logdir), "--output", str(output), "--quiet"]) in (0, None)
+    html = output.read_text()
+    assert "llc/mean" in html
+    assert "loss" in html.lower()
+    assert "ed/" in html or "trajectory" in html.lower()
+    assert html.count("data:image/png;base64,") >= 3
