@@ -204,6 +204,37 @@ def _shade_stages(ax, run: RunData) -> None:
             start = i
 
 
+def _robust_limits(values: np.ndarray, margin: float = 1.0) -> tuple[float, float] | None:
+    """Axis limits that keep the bulk of ``values`` readable: the 5-95 % range widened by ``margin``
+    times its width on each side; None when every finite value already lies inside."""
+    finite = values[np.isfinite(values)]
+    if finite.size < 10:
+        return None
+    lo, hi = np.percentile(finite, [5, 95])
+    width = max(hi - lo, 1e-12)
+    lo, hi = lo - margin * width, hi + margin * width
+    if finite.min() >= lo and finite.max() <= hi:
+        return None
+    return float(lo), float(hi)
+
+
+def _clip_outliers(ax, series: list[np.ndarray]) -> None:
+    """One wild estimate (an LLC sampled on a steep slope can be -1000) must not flatten the whole
+    curve: clip the y-axis to the bulk of the values and say how many points fall outside."""
+    if not series:
+        return
+    values = np.concatenate([np.asarray(v, dtype=float) for v in series])
+    limits = _robust_limits(values)
+    if limits is None:
+        return
+    outside = int(np.sum((values < limits[0]) | (values > limits[1])))
+    ax.set_ylim(*limits)
+    ax.annotate(
+        f"{outside} point(s) outside the axis", xy=(0.99, 0.02), xycoords="axes fraction", ha="right",
+        fontsize=7, color="dimgray",
+    )
+
+
 def _curve_figure(
     run: RunData, tags: list[str], title: str, ylabel: str, bands: dict[str, str] | None = None
 ) -> str:
@@ -222,6 +253,7 @@ def _curve_figure(
             )
     for s in _transition_steps(run):
         ax.axvline(s, color="crimson", lw=0.8, ls="--", alpha=0.7)
+    _clip_outliers(ax, [run.series(tag)[1] for tag in tags])
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -198,3 +198,16 @@ def test_report_on_a_deep_linear_network_example_run(tmp_path: Path) -> None:
     assert "loss" in html.lower()
     assert "ed/" in html or "trajectory" in html.lower()
     assert html.count("data:image/png;base64,") >= 3
+
+
+def test_robust_limits_clip_a_wild_estimate_but_leave_clean_curves_alone() -> None:
+    import numpy as np
+
+    from devinterp_lightning.report import _robust_limits
+
+    clean = np.linspace(0.0, 13.0, 40)
+    assert _robust_limits(clean) is None
+    wild = clean.copy()
+    wild[20] = -1000.0
+    lo, hi = _robust_limits(wild)
+    assert -1000.0 < lo < 0.0 and hi >= 13.0
