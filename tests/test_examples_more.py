@@ -100,21 +100,28 @@ def test_grokking_full_run_llc_peaks_at_memorization_and_falls(tmp_path: Path) -
 
 @pytest.mark.slow
 def test_superposition_full_run_llc_rises_when_features_form(tmp_path: Path) -> None:
-    """Measured on seeds 0 / 1 / 2 (default settings): see docs/examples.md for the tables."""
+    """Measured on seeds 0 / 1 / 2 (default settings):
+
+    feature-count changes 630 (0->2), 750 (->3), 1180 (->4) / 630 (0->1), 880, 950, 1950 (->4) /
+    790 (0->1), 840 (->3), 990 (->4); LLC rises (onset) 850 / 1100 and 2200 / 950, i.e. +100 /
+    +150, +250 / -40 (+110 after the 3-feature step) from the nearest count change; first rise
+    220 / 470 / 160 steps after the first feature; unflagged LLC before the first feature ~0.9,
+    from 400 steps after it ~1.75 (rise 0.8 / 0.75 / 0.95); only the origin's estimates flagged.
+    """
     from examples import superposition
 
     out = superposition.main(["--logdir", str(tmp_path), "--quiet"])
     changes = out["count_changes"]
-    assert changes and changes[0]["before"] == 0
+    assert changes and changes[0]["before"] == 0 and out["final_features"] >= 3
     first = changes[0]["step"]
+    change_steps = [c["step"] for c in changes]
     rises = [t for t in out["transitions"] if t["direction"] == "increase"]
-    assert rises
-    # the LLC's rise follows the first features within SUP_MARGIN steps
-    assert 0 <= rises[0]["changepoint_step"] - first <= SUP_MARGIN
+    assert rises and not [t for t in out["transitions"] if t["direction"] == "decrease"]
+    assert 0 <= rises[0]["changepoint_step"] - first <= 500
+    # every rise starts shortly after (or one LLC interval before) a change of the feature count
+    for t in rises:
+        assert any(-100 <= t["changepoint_step"] - c <= 300 for c in change_steps), (t, change_steps)
     steps, values, flags = out["llc"]["steps"], out["llc"]["values"], out["llc"]["flags"]
-    before = [v for s, v, f in zip(steps, values, flags, strict=True) if 0 < s < first and not f]
+    before = [v for s, v, f in zip(steps, values, flags, strict=True) if s < first and not f]
     after = [v for s, v, f in zip(steps, values, flags, strict=True) if s > first + 400 and not f]
     assert sum(after) / len(after) > sum(before) / len(before) + 0.4
-
-
-SUP_MARGIN = 300
