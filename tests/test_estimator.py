@@ -13,15 +13,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from devinterp_lightning import estimate_llc, estimate_llcs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: intra-op threads only oversubscribe (30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mse(model: nn.Module, batch) -> torch.Tensor:
     x, y = batch
     return ((model(x) - y) ** 2).mean()

@@ -31,15 +31,6 @@ from devinterp_lightning import estimate_llc, estimate_llcs, theory
 NET = dict(lr=5e-5, nbeta=1000.0, localization=10.0, num_chains=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: intra-op threads only oversubscribe (30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def teacher_network(widths: list[int], rank: int, seed: int) -> nn.Sequential:
     g = torch.Generator().manual_seed(seed)
     bases = [torch.linalg.qr(torch.randn(w, w, generator=g))[0][:, :rank] for w in widths]
