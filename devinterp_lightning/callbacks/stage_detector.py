@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
