@@ -388,7 +388,7 @@ class LLCMonitor(Callback):
                     pl_module, self.loss_fn, self._data, nbeta=self.nbeta, num_chains=self.num_chains,
                     num_draws=self.num_draws, num_burnin_steps=self.num_burnin_steps,
                     num_steps_bw_draws=self.num_steps_bw_draws, seed=_derive_seed(self.seed, step, 0),
-                    device=pl_module.device,
+                    device=pl_module.device, progress=_Progress(trainer, step) if self.progress else None,
                 )
             chosen = self.calibration.as_kwargs()
             settings = {k: float(chosen[k]) for k in ("lr", "localization", "nbeta")}
