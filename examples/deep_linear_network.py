@@ -148,6 +148,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-draws", type=int, default=LLC_SETTINGS["num_draws"], help="SGLD draws per chain")
     p.add_argument("--final-llc", action=argparse.BooleanOptionalAction, default=True,
                    help="also estimate the LLC of the final weights with settings suited to a minimum")
+    p.add_argument("--calibrate", action="store_true",
+                   help="let LLCMonitor(calibrate='once') choose lr and localization instead of LLC_SETTINGS")
     p.add_argument("--threads", type=int, default=1, help="torch threads (more only adds overhead here)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no tables")
     return p.parse_args(argv)
@@ -188,7 +190,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     widths = [WIDTH] * (DEPTH + 1)
 
     monitor = LLCMonitor(loss_fn, data=loader, every_n_steps=args.llc_every, seed=args.seed,
-                         progress=not args.quiet, **{**LLC_SETTINGS, "num_draws": args.num_draws})
+                         progress=not args.quiet, calibrate="once" if args.calibrate else "never",
+                         calibrate_kwargs={"localization": LLC_SETTINGS["localization"]},
+                         **{**LLC_SETTINGS, "num_draws": args.num_draws})
     # one rule: every confirmed change of the LLC saves a checkpoint (and is logged)
     detector = StageDetector(
         monitor="llc/mean",

@@ -171,6 +171,8 @@ class LLCMonitor(Callback):
             for the whole run, so the series stays comparable (the given ``lr`` and ``localization``
             are then unused; ``nbeta`` is kept as given). The chosen settings are logged as
             hyperparameters (``llc/calibrated/*``), kept in :attr:`calibration` and in the checkpoint.
+        calibrate_kwargs: extra keyword arguments for ``calibrate_llc`` (e.g. ``{"localization": 1000.0}``
+            to keep the localization fixed and choose only ``lr``, or ``{"lrs": [...]}`` for the grid).
     """
 
     def __init__(
@@ -193,6 +195,7 @@ class LLCMonitor(Callback):
         progress: bool = True,
         prefix: str = "llc",
         calibrate: str = "never",
+        calibrate_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.loss_fn = resolve_dotted(loss_fn) if isinstance(loss_fn, str) else loss_fn
         if not callable(self.loss_fn):
@@ -239,6 +242,15 @@ class LLCMonitor(Callback):
         if calibrate not in ("never", "once"):
             raise ValueError(f"calibrate must be 'never' or 'once'; got {calibrate!r}")
         self.calibrate = calibrate
+        self.calibrate_kwargs = dict(calibrate_kwargs or {})
+        reserved = sorted(set(self.calibrate_kwargs) & {"model", "loss_fn", "loader", "nbeta", "num_chains",
+                                                         "num_draws", "num_burnin_steps", "num_steps_bw_draws",
+                                                         "seed", "device", "progress"})
+        if reserved:
+            raise ValueError(
+                f"calibrate_kwargs may not set {reserved}: the monitor passes its own values so the calibration "
+                "matches the estimates; set them on LLCMonitor instead"
+            )
         #: the calibration run at the first scheduled step (``calibrate="once"``), else None
         self.calibration: Any = None
         self._calibrated_settings: dict[str, float] | None = None
@@ -389,6 +401,7 @@ class LLCMonitor(Callback):
                     num_draws=self.num_draws, num_burnin_steps=self.num_burnin_steps,
                     num_steps_bw_draws=self.num_steps_bw_draws, seed=_derive_seed(self.seed, step, 0),
                     device=pl_module.device, progress=_Progress(trainer, step) if self.progress else None,
+                    **self.calibrate_kwargs,
                 )
             chosen = self.calibration.as_kwargs()
             settings = {k: float(chosen[k]) for k in ("lr", "localization", "nbeta")}
