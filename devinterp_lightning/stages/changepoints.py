@@ -307,6 +307,13 @@ def detect_changepoints(
     Useful offline (notebooks, the report) and to measure detection delays.
     """
     tracker = ChangepointTracker(tracker_kwargs.pop("monitor", "series"), **tracker_kwargs)
+    return replay(tracker, steps, values, stderrs)
+
+
+def replay(tracker: Any, steps: Sequence[int], values: Sequence[float],
+           stderrs: Sequence[float] | None = None) -> list[Transition]:
+    """Feed a tracker the growing prefixes of a series, as a training run would, and return every
+    transition it confirmed (each with the step at which it was confirmed)."""
     for k in range(1, len(values) + 1):
         tracker.update(steps[:k], values[:k], stderrs=None if stderrs is None else stderrs[:k])
     return list(tracker.transitions)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from devinterp_lightning.stages.changepoints import estimate_noise
+from devinterp_lightning.stages.changepoints import estimate_noise, replay
 from devinterp_lightning.stages.events import Transition
 
 
@@ -157,6 +157,4 @@ def detect_turning_points(
 ) -> list[Transition]:
     """Replay ``values`` point by point through a :class:`TurningPointTracker`; all confirmed turns."""
     tracker = TurningPointTracker(tracker_kwargs.pop("monitor", "series"), **tracker_kwargs)
-    for k in range(1, len(values) + 1):
-        tracker.update(steps[:k], values[:k], stderrs=None if stderrs is None else stderrs[:k])
-    return list(tracker.transitions)
+    return replay(tracker, steps, values, stderrs)
