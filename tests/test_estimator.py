@@ -278,3 +278,42 @@ def test_loop_path_matches_vmap_path(monkeypatch: pytest.MonkeyPatch) -> None:
     looped = estimate_llc(model, mse, loader, seed=4, **FAST)
     assert torch.allclose(vmapped.loss_trace, looped.loss_trace, rtol=1e-4, atol=1e-6)
     assert looped.mean == pytest.approx(vmapped.mean, rel=1e-3, abs=1e-3)
+
+
+def test_tied_weights_are_sampled_as_one_tensor():
+    """A Parameter registered under two names (weight tying) is one set of coordinates: the
+    estimate equals that of the same function written with the parameter used twice."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    loader = [(x[i : i + 64],) for i in range(0, 256, 64)]
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(4, 4, bias=False)
+            self.dec = nn.Linear(4, 4, bias=False)
+            self.dec.weight = self.enc.weight  # tied: one Parameter, two names
+
+        def forward(self, inputs):
+            return self.dec(torch.tanh(self.enc(inputs)))
+
+    class Shared(nn.Module):
+        def __init__(self, weight):
+            super().__init__()
+            self.weight = nn.Parameter(weight.detach().clone())
+
+        def forward(self, inputs):
+            return torch.tanh(inputs @ self.weight.T) @ self.weight.T
+
+    tied = Tied()
+    shared = Shared(tied.enc.weight)
+    target = tied(x).detach() + 0.1
+
+    def loss_fn(model, batch):
+        return ((model(batch[0]) - target[: batch[0].shape[0]]) ** 2).mean()
+
+    kwargs = dict(lr=1e-4, localization=10.0, nbeta=100.0, num_chains=2, num_draws=30, seed=3)
+    a = estimate_llc(tied, loss_fn, loader, **kwargs)
+    b = estimate_llc(shared, loss_fn, loader, **kwargs)
+    torch.testing.assert_close(a.loss_trace, b.loss_trace)
+    assert tied.dec.weight is tied.enc.weight

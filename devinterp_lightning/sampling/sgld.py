@@ -123,15 +123,24 @@ class LossEvaluator:
         self.fixed = {"model." + n: t for n, t in anchor.items() if n not in set(moving)}
         self.buffers = {"model." + n: t for n, t in buffers.items()}
         self.anchor_all = {"model." + n: t for n, t in anchor.items()}
+        # Tied tensors (one Parameter under two names) are resolved here, once: every alias gets
+        # the canonical name's tensor, so functional_call can skip its per-call tie analysis
+        # (tie_weights=False), which cost ~70 us a call, about 7% of a sampling step on an MLP.
+        self.aliases = _tied_aliases(model)
         self.vectorize = vectorize  # None: try vmap once, fall back to a loop over lanes
         self._grad_fn = grad_and_value(self._loss)
         self._vmapped = vmap(self._grad_fn, in_dims=(0, None), randomness="different")
+
+    def _call(self, tensors: dict[str, Tensor], batch: Any) -> Any:
+        for alias, canonical in self.aliases.items():
+            tensors[alias] = tensors[canonical]
+        return functional_call(self.module, tensors, (batch,), tie_weights=False)
 
     def _loss(self, moving: dict[str, Tensor], batch: Any) -> Tensor:
         tensors = {**self.fixed, **self.buffers}
         for name, value in moving.items():
             tensors["model." + name] = value
-        loss = functional_call(self.module, tensors, (batch,))
+        loss = self._call(tensors, batch)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise TypeError(
                 "loss_fn(model, batch) must return a scalar tensor (the mean loss over the batch); got "
@@ -142,7 +151,7 @@ class LossEvaluator:
     @torch.no_grad()
     def anchor_loss(self, batch: Any) -> Tensor:
         """L_batch(w*), a 0-d tensor."""
-        loss = functional_call(self.module, {**self.anchor_all, **self.buffers}, (batch,))
+        loss = self._call({**self.anchor_all, **self.buffers}, batch)
         return loss.detach().reshape(()).float()
 
     def grad_and_loss(self, stacked: dict[str, Tensor], batch: Any) -> tuple[dict[str, Tensor], Tensor]:
@@ -173,6 +182,19 @@ class LossEvaluator:
                 grads[n].append(torch.zeros_like(leaves[n]) if gi is None else gi)
             losses.append(loss.detach())
         return {n: torch.stack(v) for n, v in grads.items()}, torch.stack(losses)
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """``{"model.<alias>": "model.<canonical>"}`` for every parameter or buffer registered under
+    more than one name (the canonical name is the one ``named_parameters()``/``named_buffers()`` keep)."""
+    aliases: dict[str, str] = {}
+    for named in (model.named_parameters, model.named_buffers):
+        canonical = {id(t): n for n, t in named()}
+        for name, tensor in named(remove_duplicate=False):
+            first = canonical.get(id(tensor))
+            if first is not None and first != name:
+                aliases["model." + name] = "model." + first
+    return aliases
 
 
 class FlatLanes:
