@@ -154,8 +154,14 @@ class LossEvaluator:
         loss = self._call({**self.anchor_all, **self.buffers}, batch)
         return loss.detach().reshape(()).float()
 
-    def grad_and_loss(self, stacked: dict[str, Tensor], batch: Any) -> tuple[dict[str, Tensor], Tensor]:
-        """Per-lane gradients ``{name: [L, *shape]}`` and batch losses ``[L]``."""
+    def grad_and_loss(
+        self, stacked: dict[str, Tensor], batch: Any, out: dict[str, Tensor] | None = None
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Per-lane gradients ``{name: [L, *shape]}`` and batch losses ``[L]``.
+
+        ``out``, if given, holds ``[L, *shape]`` views the gradients are written into (the loop
+        over lanes then copies each gradient once instead of stacking and re-flattening it).
+        """
         if self.vectorize is None and _compute_bound_on_cpu(stacked, batch):
             self.vectorize = False
         if self.vectorize is None:
@@ -171,7 +177,7 @@ class LossEvaluator:
         # Loop with plain autograd: unlike torch.func, it lets the forward mutate our buffer
         # copies (BatchNorm running statistics in train mode).
         num_lanes = next(iter(stacked.values())).shape[0]
-        grads: dict[str, list[Tensor]] = {n: [] for n in stacked}
+        grads = out if out is not None else {n: torch.empty_like(t) for n, t in stacked.items()}
         losses = []
         for lane in range(num_lanes):
             leaves = {n: t[lane].detach().requires_grad_(True) for n, t in stacked.items()}
@@ -179,9 +185,12 @@ class LossEvaluator:
                 loss = self._loss(leaves, batch)
                 g = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
             for n, gi in zip(leaves, g, strict=True):
-                grads[n].append(torch.zeros_like(leaves[n]) if gi is None else gi)
+                if gi is None:
+                    grads[n][lane].zero_()
+                else:
+                    grads[n][lane].copy_(gi)
             losses.append(loss.detach())
-        return {n: torch.stack(v) for n, v in grads.items()}, torch.stack(losses)
+        return grads, torch.stack(losses)
 
 
 def _tied_aliases(model: nn.Module) -> dict[str, str]:
@@ -216,10 +225,13 @@ class FlatLanes:
         # a [num_lanes, 1] mask when every lane moves all-or-nothing (saves memory and time)
         self.mask = mask[:, :1].contiguous() if whole_lanes else mask
         self.moving_count = mask.sum(dim=1)
+        self.moves_everything = whole_lanes and bool((mask[:, 0] == 1).all())
         self.views: dict[str, Tensor] = {}
+        self.offsets: dict[str, int] = {}
         offset = 0
         for n in self.names:
             size = anchor[n].numel()
+            self.offsets[n] = offset
             self.views[n] = self.values[:, offset : offset + size].view(num_lanes, *anchor[n].shape)
             offset += size
 
@@ -263,27 +275,34 @@ def run_chains(
     nbeta, loc = settings.nbeta, settings.localization
     init_loss: Tensor | None = None
     noise = torch.empty_like(w)
+    grad_flat = torch.empty_like(w)
+    grad_views = {n: grad_flat[:, lanes.offsets[n] : lanes.offsets[n] + v[0].numel()].view(v.shape)
+                  for n, v in lanes.views.items()}
 
     for step in range(settings.total_steps):
         batch = next(batches)
         draw = settings.draw_index(step)
         if draw is not None or init_loss is None:
             init_loss = evaluator.anchor_loss(batch)
-        grads, losses = evaluator.grad_and_loss(lanes.views, batch)
+        grads, losses = evaluator.grad_and_loss(lanes.views, batch, out=grad_views)
         losses = losses.detach().float()
         # a lane diverges on a non-finite or runaway loss; it is frozen back at w* from then on
         newly = (~torch.isfinite(losses) | (nbeta * (losses - init_loss) > runaway)) & ~diverged
         diverged |= newly
+        diverged_any = device.type != "cpu" or bool(diverged.any())  # a free check on CPU
         if draw is not None:
             loss_trace[:, draw] = losses.masked_fill(diverged, float("nan"))
             init_trace[:, draw] = init_loss
         # drift = nbeta * grad + localization * (w - w*); step = sqrt(lr) * noise - lr/2 * drift
-        drift = lanes.flatten(grads).mul_(nbeta * half_lr)
+        drift = (grad_flat if grads is grad_views else lanes.flatten(grads)).mul_(nbeta * half_lr)
         if loc:
             drift.add_(w - w0, alpha=loc * half_lr)
         torch.randn(w.shape, generator=generator, out=noise)
         delta = noise.mul_(noise_scale).sub_(drift)
-        w.addcmul_(delta, lanes.mask * (~diverged).to(w.dtype)[:, None])
+        if lanes.moves_everything and not diverged_any:
+            w.add_(delta)
+        else:
+            w.addcmul_(delta, lanes.mask * (~diverged).to(w.dtype)[:, None])
         # put a diverged lane back at w* so its tensors stay finite (one sync-free op on GPU)
         if device.type != "cpu" or bool(newly.any()):
             w.copy_(torch.where(diverged[:, None], w0, w))
