@@ -317,3 +317,61 @@ def test_tied_weights_are_sampled_as_one_tensor():
     b = estimate_llc(shared, loss_fn, loader, **kwargs)
     torch.testing.assert_close(a.loss_trace, b.loss_trace)
     assert tied.dec.weight is tied.enc.weight
+
+
+class _SeedSpy:
+    """Stands in for torch.default_generator and counts reseeds (everything else forwarded)."""
+
+    def __init__(self, real):
+        self.real, self.reseeds = real, 0
+
+    def manual_seed(self, seed):
+        self.reseeds += 1
+        return self.real.manual_seed(seed)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_map_style_loaders_are_ordered_privately_without_reseeding_the_global_rng(monkeypatch) -> None:
+    """A shuffled DataLoader over a map-style dataset gets its order from the estimator's own
+    generator: the global generator is never reseeded, and the order does not depend on its state."""
+    x, y, _ = regression_data()
+    model = nn.Linear(4, 3)
+    samples = [(x[i], y[i]) for i in range(len(x))]  # map-style, not a TensorDataset
+    loader = DataLoader(samples, batch_size=32, shuffle=True)
+    spy = _SeedSpy(torch.default_generator)
+    monkeypatch.setattr(torch, "default_generator", spy)
+    torch.random.manual_seed(1)  # the real generator, not through the spy
+    a = estimate_llc(model, mse, loader, seed=11, **FAST)
+    torch.random.manual_seed(2)
+    b = estimate_llc(model, mse, loader, seed=11, **FAST)
+    assert spy.reseeds == 0
+    assert torch.equal(a.loss_trace, b.loss_trace)
+    # the same samples through a TensorDataset loader give the same batches, hence the same traces
+    c = estimate_llc(model, mse, DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True), seed=11, **FAST)
+    torch.testing.assert_close(a.loss_trace, c.loss_trace)
+
+
+def test_iterable_loaders_fall_back_to_a_seeded_fork_of_the_global_rng(monkeypatch) -> None:
+    """An IterableDataset can only shuffle through the global RNG: it runs on a seeded fork, so
+    the order is reproducible and the caller's RNG state is restored."""
+    x, y, _ = regression_data()
+    model = nn.Linear(4, 3)
+
+    class Shuffled(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            order = torch.randperm(len(x))  # the global RNG, as such datasets do
+            for i in range(0, len(x), 32):
+                idx = order[i : i + 32]
+                yield x[idx], y[idx]
+
+    loader = DataLoader(Shuffled(), batch_size=None)
+    spy = _SeedSpy(torch.default_generator)
+    monkeypatch.setattr(torch, "default_generator", spy)
+    state = torch.get_rng_state()
+    a = estimate_llc(model, mse, loader, seed=11, **FAST)
+    b = estimate_llc(model, mse, loader, seed=11, **FAST)
+    assert spy.reseeds == 2
+    assert torch.equal(a.loss_trace, b.loss_trace)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -35,7 +35,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from devinterp_lightning.sampling.batches import batch_size_of, to_device
+from devinterp_lightning.sampling.batches import (
+    batch_size_of,
+    forked_global_rng,
+    iterate_once,
+    to_device,
+)
 from devinterp_lightning.sampling.estimator import default_nbeta, estimate_llc
 from devinterp_lightning.sampling.result import LLCResult
 
@@ -412,10 +417,9 @@ def calibrate_llc(
         masks = _masks(restrict, anchor)
         if not masks:
             raise ValueError(f"restrict={restrict!r} leaves no weight to move; check it against model.named_parameters()")
-        with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
-            torch.manual_seed(seed)  # a shuffling loader draws from the global RNG
-            batches = []
-            for batch in loader:
+        batches = []
+        with forked_global_rng(loader, seed, [dev.index or 0] if dev.type == "cuda" else []):
+            for batch in iterate_once(loader, torch.Generator().manual_seed(seed)):
                 batches.append(to_device(batch, dev, dtype))
                 if len(batches) == 4:
                     break

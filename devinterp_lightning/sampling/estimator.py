@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from devinterp_lightning.sampling.batches import batch_size_of, batch_stream
+from devinterp_lightning.sampling.batches import batch_size_of, batch_stream, forked_global_rng
 from devinterp_lightning.sampling.result import LLCResult, summarize_chains
 from devinterp_lightning.sampling.sgld import LossEvaluator, SGLDSettings, run_chains
 
@@ -222,10 +222,11 @@ def _run_group(
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices):
-        # a shuffling loader draws its order from the global RNG: fork it, seed it from our seed
-        torch.default_generator.manual_seed(seed ^ 0x5EED)
-        stream = batch_stream(loader, device, dtype)
+    # Batch order: from a private generator where the loader allows it; otherwise from a seeded
+    # fork of the global RNG (restored afterwards), so the order is reproducible either way.
+    order = torch.Generator().manual_seed(seed ^ 0x5EED)
+    with forked_global_rng(loader, seed ^ 0x5EED, cuda_devices):
+        stream = batch_stream(loader, device, dtype, order)
         first = next(stream)
         if nbeta is None:
             size = batch_size_of(loader, first)
