@@ -191,7 +191,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     monitor = LLCMonitor(loss_fn, data=loader, every_n_steps=args.llc_every, seed=args.seed,
                          progress=not args.quiet, calibrate="once" if args.calibrate else "never",
-                         calibrate_kwargs={"localization": LLC_SETTINGS["localization"]},
                          **{**LLC_SETTINGS, "num_draws": args.num_draws})
     # one rule: every confirmed change of the LLC saves a checkpoint (and is logged)
     detector = StageDetector(

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from devinterp_lightning import theory
-from devinterp_lightning.sampling.calibrate import CalibrationResult, calibrate_llc
+from devinterp_lightning.sampling.calibrate import LOCALIZATION_BOOST, CalibrationResult, calibrate_llc
 from devinterp_lightning.sampling.estimator import estimate_llc
 
 
@@ -147,9 +147,43 @@ def test_not_at_a_minimum_falls_back_with_a_warning() -> None:
     with pytest.warns(RuntimeWarning, match="no lr passed every check"):
         cal = calibrate_llc(model, half_sse, loader, **TINY)
     assert not cal.ok
-    (tried,) = [t for t in cal.trials if t.estimate is not None]  # no smaller lr can cure it: one trial
-    assert {"negative", "below_init"} <= set(tried.estimate.flags), cal.summary()
-    assert tried.lr == cal.lr and "negative" in cal.reason
+    # no smaller lr can cure it (one trial per localization), and neither can a localization
+    # raised twice by LOCALIZATION_BOOST: a slope is not a saddle
+    tried = [t for t in cal.trials if t.estimate is not None]
+    assert len(tried) == 3
+    assert [t.estimate.localization for t in tried] == pytest.approx(
+        [tried[0].estimate.localization * LOCALIZATION_BOOST**k for k in range(3)]
+    )
+    for t in tried:
+        assert {"negative", "below_init"} <= set(t.estimate.flags), cal.summary()
+    assert sum(t.rejected.startswith("localization ") for t in cal.trials) == 2 * len(cal.trials) // 3
+    assert tried[-1].lr == cal.lr and "negative" in cal.reason
+
+
+def test_a_saddle_is_calibrated_by_raising_the_localization() -> None:
+    """K(w) = w0^2 - 0.01 w1^2 is a saddle. The curvature-based localization (0.01 * nbeta * 2 = 2)
+    only just cancels the w1 slope (nbeta * 0.02 = 2), so the chains slide off (negative); raised to
+    20 it holds them (nbeta E[K] = 100 * (1/220 - 0.01/18) = 0.40 in the stationary law), and the
+    calibration passes with the evidence of both attempts."""
+
+    class Saddle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(2))
+
+    def potential(model, batch):
+        return model.w[0] ** 2 - 0.01 * model.w[1] ** 2 + 0.0 * batch.sum()
+
+    loader = [torch.zeros(1)]
+    cal = calibrate_llc(Saddle(), potential, loader, nbeta=100.0, num_chains=4, num_draws=200,
+                        num_burnin_steps=100, seed=0)
+    assert cal.ok, cal.summary()
+    assert cal.localization == pytest.approx(20.0, rel=1e-3)
+    first_attempt = [t for t in cal.trials if t.rejected.startswith("localization 2:")]
+    assert first_attempt and any(
+        t.estimate is not None and {"negative", "below_init"} & set(t.estimate.flags) for t in first_attempt
+    )
+    assert cal.estimate.mean > 0
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

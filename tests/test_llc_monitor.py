@@ -398,15 +398,12 @@ def test_lightning_cli_parses_the_example_config(monkeypatch: pytest.MonkeyPatch
     assert monitor.history.steps("llc/last/mean") == [0, 10]
 
 
-def test_calibrate_once_chooses_settings_once_and_logs_them(tmp_path):
-    """calibrate="once" calibrates at the first scheduled step only, samples every later estimate
-    with the chosen settings, logs them as hyperparameters and keeps them in the checkpoint."""
-    import csv
-
+def _calibration_run(tmp_path, at_minimum: bool):
+    """A linear regression trained with a calibrating monitor (steps 5 and 10); returns the monitor,
+    the top-level calibrate_llc calls and the CSV log directory."""
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger
 
-    from devinterp_lightning import LLCMonitor
     from devinterp_lightning.sampling import calibrate as calibrate_module
 
     torch.manual_seed(0)
@@ -418,18 +415,24 @@ def test_calibrate_once_chooses_settings_once_and_logs_them(tmp_path):
         def __init__(self):
             super().__init__()
             self.net = torch.nn.Linear(4, 2)
+            if at_minimum:  # start at the least-squares solution; a tiny lr keeps it there
+                solution = torch.linalg.lstsq(torch.cat([x, torch.ones(256, 1)], 1), y).solution
+                with torch.no_grad():
+                    self.net.weight.copy_(solution[:4].T)
+                    self.net.bias.copy_(solution[4])
 
         def training_step(self, batch, batch_idx):
             return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+            return torch.optim.SGD(self.parameters(), lr=1e-6 if at_minimum else 0.1)
 
     calls = []
     real = calibrate_module.calibrate_llc
 
     def counting(*args, **kwargs):
-        calls.append(kwargs)
+        if not kwargs.get("_auto_localization"):  # the localization boosts call it again
+            calls.append(kwargs)
         return real(*args, **kwargs)
 
     calibrate_module.calibrate_llc = counting
@@ -445,17 +448,39 @@ def test_calibrate_once_chooses_settings_once_and_logs_them(tmp_path):
         trainer.fit(Regression(), loader)
     finally:
         calibrate_module.calibrate_llc = real
+    return monitor, calls, tmp_path / "lightning_logs" / "version_0"
+
+
+def test_calibrate_once_chooses_settings_once_and_logs_them(tmp_path):
+    """At a minimum, calibrate="once" calibrates at the first scheduled step only, samples every
+    later estimate with the chosen settings, logs them as hyperparameters and keeps them in the
+    checkpoint."""
+    import csv
+
+    monitor, calls, logdir = _calibration_run(tmp_path, at_minimum=True)
     assert len(calls) == 1
+    assert monitor.calibration.ok, monitor.calibration.summary()
     chosen = monitor.calibration.as_kwargs()
     assert monitor.lr == chosen["lr"] != 123.0
     for res in monitor.last_results.values():
         assert res.lr == chosen["lr"] and res.localization == chosen["localization"]
     assert monitor.state_dict()["calibrated_settings"]["lr"] == chosen["lr"]
-    hparams = (tmp_path / "lightning_logs" / "version_0" / "hparams.yaml").read_text()
-    assert "llc/calibrated/lr" in hparams
-    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as f:
+    assert "llc/calibrated/lr" in (logdir / "hparams.yaml").read_text()
+    with open(logdir / "metrics.csv") as f:
         steps = [row["step"] for row in csv.DictReader(f) if row.get("llc/mean")]
     assert steps == ["5", "10"]
-    restored = LLCMonitor(lambda m, b: 0.0, data=loader, calibrate="once")
+    restored = LLCMonitor(lambda m, b: 0.0, data=monitor._data, calibrate="once")
     restored.load_state_dict(monitor.state_dict())
     assert restored.lr == chosen["lr"] and restored.localization == chosen["localization"]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_calibrate_once_retries_while_the_weights_are_not_at_a_minimum(tmp_path):
+    """Far from a minimum (a fresh regression) the calibration falls back: that step is sampled
+    with the fallback settings and the next scheduled step calibrates again."""
+    monitor, calls, _ = _calibration_run(tmp_path, at_minimum=False)
+    assert len(calls) == 2
+    assert not monitor.calibration.ok
+    assert "calibrated_settings" not in monitor.state_dict()
+    assert monitor.history.steps("llc/mean") == [5, 10]
+    assert monitor.last_results["llc"].lr == monitor.calibration.lr

@@ -166,10 +166,13 @@ class LLCMonitor(Callback):
         progress: report sampling progress in the progress bar (or the console every ~10 s).
         prefix: first component of every metric name.
         calibrate: ``"never"`` (default) samples with ``lr``, ``localization`` and ``nbeta`` as given;
-            ``"once"`` runs :func:`~devinterp_lightning.sampling.calibrate.calibrate_llc` at the first
-            scheduled step (on ``data``, all weights) and keeps the chosen ``lr`` and ``localization``
-            for the whole run, so the series stays comparable (the given ``lr`` and ``localization``
-            are then unused; ``nbeta`` is kept as given). The chosen settings are logged as
+            ``"once"`` runs :func:`~devinterp_lightning.sampling.calibrate.calibrate_llc` (on ``data``,
+            all weights) at the first scheduled step and keeps the chosen ``lr`` and ``localization``
+            for the rest of the run, so the series stays comparable (the given ``lr`` and
+            ``localization`` are then unused; ``nbeta`` is kept as given). If that calibration does
+            not pass its checks (the weights sit on a saddle, as at a small initialization), the
+            step is sampled with its fallback settings and the next scheduled step calibrates again,
+            until one passes. The chosen settings are logged as
             hyperparameters (``llc/calibrated/*``), kept in :attr:`calibration` and in the checkpoint.
         calibrate_kwargs: extra keyword arguments for ``calibrate_llc`` (e.g. ``{"localization": 1000.0}``
             to keep the localization fixed and choose only ``lr``, or ``{"lrs": [...]}`` for the grid).
@@ -405,8 +408,17 @@ class LLCMonitor(Callback):
                 )
             chosen = self.calibration.as_kwargs()
             settings = {k: float(chosen[k]) for k in ("lr", "localization", "nbeta")}
-            log.info("LLCMonitor: calibrated at step %d: %s (ok=%s)", step, settings, self.calibration.ok)
+            settings["ok"] = float(self.calibration.ok)
+            log.info("LLCMonitor: calibrated at step %d: %s", step, settings)
         settings = trainer.strategy.broadcast(settings, src=0)
+        if not settings.pop("ok"):
+            # w* is not yet a point the sampler can be tuned at (the first saddle of training):
+            # this step is sampled with the calibration's fallback and the next one tries again
+            self.lr, self.localization, self.nbeta = settings["lr"], settings["localization"], settings["nbeta"]
+            if trainer.is_global_zero:
+                log.info("LLCMonitor: calibration at step %d did not pass its checks; retrying at the next "
+                         "scheduled step", step)
+            return
         self._apply_calibration(settings)
         if trainer.is_global_zero:
             for logger in trainer.loggers:

@@ -28,7 +28,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -59,6 +59,10 @@ ACCEPTANCE_WITHOUT_BIAS_CHECK = 0.95
 #: that a smaller lr can cure.
 _MIXING_FLAGS = frozenset({"drifting", "high_rhat"})
 _STEP_FLAGS = frozenset({"diverged", "all_diverged"})
+#: flags that say w* is not a local minimum of the sampled loss (a slope or a saddle)
+_NOT_A_MINIMUM_FLAGS = frozenset({"negative", "below_init"})
+#: factor by which an automatically chosen localization is raised when the chains slide off w*
+LOCALIZATION_BOOST = 10.0
 #: Consecutive grid values differ by this factor (the bias check compares lr with lr / LR_FACTOR).
 LR_FACTOR = 2.0
 
@@ -365,10 +369,12 @@ def calibrate_llc(
     num_lrs: int = 10,
     probe_steps: int = 50,
     max_estimates: int = 6,
+    max_localization_boosts: int = 2,
     seed: int = 0,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = torch.float32,
     progress: Callable[[int, int], None] | None = None,
+    _auto_localization: bool = False,
 ) -> CalibrationResult:
     """Choose ``lr``, ``localization`` and ``nbeta`` for :func:`estimate_llc` at the model's weights.
 
@@ -385,7 +391,12 @@ def calibrate_llc(
             burn-in" is checked for that layout.
         rel_tol, z: the bias check accepts ``lr`` when ``|llc(lr) - llc(lr/2)| <= z * stderr + rel_tol * |llc(lr/2)|``.
         probe_steps: length of the MALA-acceptance probe trajectory (one fixed batch).
-        max_estimates: at most this many trial estimates are run.
+        max_estimates: at most this many trial estimates are run (per localization tried).
+        max_localization_boosts: when the localization was chosen automatically and no lr passed
+            because the chains slid off w* (``negative`` / ``below_init``: a saddle or a slope, as
+            on the plateaus of saddle-to-saddle dynamics), the search is repeated with the
+            localization raised by ``LOCALIZATION_BOOST``, at most this many times. The trials of
+            every attempt are kept in the evidence.
         seed: every trial uses this seed (common random numbers make the bias check sharper).
         progress: optional ``progress(done, total)`` in trial estimates.
 
@@ -393,6 +404,7 @@ def calibrate_llc(
         A :class:`CalibrationResult`; ``res.as_kwargs()`` goes straight into ``estimate_llc``.
     """
     start = time.perf_counter()
+    lrs_given = lrs
     if num_chains < 2:
         raise ValueError(f"calibration needs num_chains >= 2 to judge chain agreement; got {num_chains}")
     if not 0 < rel_tol < 1:
@@ -433,6 +445,7 @@ def calibrate_llc(
         probe = _Probe(model, loss_fn, masks, anchor, buffers, batches)
         curvature = probe.top_eigenvalue(20, generator)
         if localization is None:
+            _auto_localization = True
             localization = LOCALIZATION_FRACTION * nbeta * curvature
             if not localization > 0:
                 raise ValueError(
@@ -519,6 +532,28 @@ def calibrate_llc(
         i += 1
 
     ok = chosen is not None
+    slid_off = any(set(r.flags) & _NOT_A_MINIMUM_FLAGS for r in estimates.values())
+    if not ok and _auto_localization and max_localization_boosts > 0 and slid_off:
+        # w* is not a minimum along some direction: a stronger localization holds the chains at
+        # w*, which is what a local coefficient at a saddle or on a slope can measure
+        boosted = calibrate_llc(
+            model, loss_fn, loader, nbeta=nbeta, localization=localization * LOCALIZATION_BOOST,
+            lrs=lrs_given, num_chains=num_chains, num_draws=num_draws,
+            num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws, restrict=restrict,
+            rel_tol=rel_tol, z=z, num_lrs=num_lrs, probe_steps=probe_steps, max_estimates=max_estimates,
+            max_localization_boosts=max_localization_boosts - 1, seed=seed, device=device, dtype=dtype,
+            progress=progress, _auto_localization=True,
+        )
+        earlier = tuple(
+            Trial(lrs[k], float(acceptance[k]), float(distance[k]), estimates.get(k),
+                  f"localization {localization:.4g}: " + reasons.get(k, "not reached"))
+            for k in range(len(lrs))
+        )
+        spent += steps_per_estimate * len(estimates)
+        return replace(
+            boosted, trials=earlier + boosted.trials, num_steps=boosted.num_steps + spent,
+            seconds=time.perf_counter() - start,
+        )
     if chosen is None:
         # fallback: the healthiest estimate (fewest flags, then the smaller lr: less bias)
         tried = [k for k, r in estimates.items() if not r.all_diverged]
