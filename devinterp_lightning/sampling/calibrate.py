@@ -22,7 +22,6 @@ Everything here is pure torch: the model is never modified.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 import time
@@ -41,8 +40,15 @@ from devinterp_lightning.sampling.batches import (
     iterate_once,
     to_device,
 )
-from devinterp_lightning.sampling.estimator import default_nbeta, estimate_llc
+from devinterp_lightning.sampling.estimator import (
+    _copy,
+    _preserved,
+    _resolve_restriction,
+    default_nbeta,
+    estimate_llc,
+)
 from devinterp_lightning.sampling.result import LLCResult
+from devinterp_lightning.sampling.sgld import _LossModule
 
 logger = logging.getLogger("devinterp_lightning")
 
@@ -187,28 +193,6 @@ class CalibrationResult:
 # ------------------------------------------------------------------------------------------ probes
 
 
-class _Loss(nn.Module):
-    """Lets ``functional_call`` run the user's ``loss_fn(model, batch)`` on swapped tensors."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> Tensor:
-        return self.loss_fn(self.model, batch).reshape(())
-
-
-def _masks(restrict: Restriction, named: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``{name: float mask}`` of the moving entries (the estimator validates restrict itself)."""
-    if restrict is None:
-        return {n: torch.ones_like(p) for n, p in named.items()}
-    if isinstance(restrict, Mapping):
-        return {n: torch.as_tensor(m).to(named[n].device, named[n].dtype) for n, m in restrict.items() if n in named}
-    globs = [restrict] if isinstance(restrict, str) else list(restrict)
-    return {n: torch.ones_like(p) for n, p in named.items() if any(fnmatch.fnmatchcase(n, g) for g in globs)}
-
-
 class _Probe:
     """Batch loss, gradient and Hessian-vector products of the moving weights, on fixed batches."""
 
@@ -216,7 +200,7 @@ class _Probe:
         self, model: nn.Module, loss_fn: LossFn, masks: dict[str, Tensor], anchor: dict[str, Tensor],
         buffers: dict[str, Tensor], batches: list[Any],
     ) -> None:
-        self.module = _Loss(model, loss_fn)
+        self.module = _LossModule(model, loss_fn)
         self.masks = masks
         self.anchor = anchor
         self.fixed = {"model." + n: t for n, t in {**anchor, **buffers}.items() if n not in masks}
@@ -225,7 +209,7 @@ class _Probe:
     def loss(self, moving: dict[str, Tensor], batch: Any) -> Tensor:
         tensors = dict(self.fixed)
         tensors.update({"model." + n: t for n, t in moving.items()})
-        return functional_call(self.module, tensors, (batch,))
+        return functional_call(self.module, tensors, (batch,)).reshape(())
 
     def top_eigenvalue(self, iters: int, generator: torch.Generator) -> float:
         """Largest |eigenvalue| of the Hessian of the mean loss over the fixed batches at w*.
@@ -420,15 +404,11 @@ def calibrate_llc(
     dev = torch.device(device) if device is not None else next(iter(named.values())).device
     generator = torch.Generator(device=dev)
     generator.manual_seed(seed)
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        anchor = {n: p.detach().to(dev, dtype if dtype is not None else p.dtype, copy=True) for n, p in named.items()}
-        buffers = {n: b.detach().to(dev, dtype if (dtype is not None and b.is_floating_point()) else b.dtype,
-                                    copy=True) for n, b in model.named_buffers()}
-        masks = _masks(restrict, anchor)
-        if not masks:
-            raise ValueError(f"restrict={restrict!r} leaves no weight to move; check it against model.named_parameters()")
+    with _preserved(model, True, dev):
+        anchor = {n: _copy(p, dev, dtype) for n, p in named.items()}
+        buffers = {n: _copy(b, dev, dtype) for n, b in model.named_buffers()}
+        # the same validation (and error messages) as the estimates that follow
+        masks = {n: m.to(dev, anchor[n].dtype) for n, m in _resolve_restriction(restrict, anchor, "restrict").items()}
         batches = []
         with forked_global_rng(loader, seed, [dev.index or 0] if dev.type == "cuda" else []):
             for batch in iterate_once(loader, torch.Generator().manual_seed(seed)):
@@ -458,9 +438,6 @@ def calibrate_llc(
             lrs = [top / LR_FACTOR**k for k in range(num_lrs)]
         lrs = sorted((float(x) for x in lrs), reverse=True)
         acceptance, distance = probe.mala(lrs, nbeta, localization, probe_steps, generator)
-    finally:
-        for module, training in modes:
-            module.training = training
 
     trials: list[Trial] = []
     estimates: dict[int, LLCResult] = {}
