@@ -23,6 +23,8 @@ from devinterp_lightning.essential_dynamics import (
     find_turning_points,
     planar_geometry,
 )
+from devinterp_lightning.sampling.batches import to_device
+from devinterp_lightning.sampling.estimator import _preserved
 from devinterp_lightning.schedule import EveryNSteps
 from devinterp_lightning.series import SeriesPoint, SeriesStore
 from devinterp_lightning.stages.events import Transition
@@ -49,16 +51,6 @@ def _flatten_output(out: Any) -> Tensor:
     if not parts:
         raise ValueError("the model's output on the probe batch is empty; use a non-empty probe batch")
     return torch.cat([p.to(torch.float64) for p in parts])
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, tuple | list):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
 
 
 def _default_forward(model: torch.nn.Module, batch: Any) -> Any:
@@ -206,16 +198,10 @@ class EssentialDynamics(Callback):
     def snapshot(self, model: torch.nn.Module) -> Tensor:
         """The model's flattened outputs on the probe batch (float64, CPU); the model is left as found."""
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        batch = _to_device(self._resolve_probe(), device)
-        modes = [(m, m.training) for m in model.modules()]
+        batch = to_device(self._resolve_probe(), device, None)
         cuda = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            model.eval()
-            try:
-                out = self.forward_fn(model, batch)
-            finally:
-                for m, mode in modes:
-                    m.training = mode
+        with torch.random.fork_rng(devices=cuda), _preserved(model, True, device):
+            out = self.forward_fn(model, batch)
         return _flatten_output(out).cpu()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
