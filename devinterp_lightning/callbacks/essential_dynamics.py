@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from devinterp_lightning import tags
 from devinterp_lightning.essential_dynamics import (
     IncrementalPCA,
     TurningPoint,
@@ -24,12 +25,12 @@ from devinterp_lightning.essential_dynamics import (
     planar_geometry,
 )
 from devinterp_lightning.sampling.batches import to_device
-from devinterp_lightning.sampling.estimator import _preserved
+from devinterp_lightning.sampling.snapshot import cuda_devices, forked_rng, preserved_modes
 from devinterp_lightning.schedule import EveryNSteps
 from devinterp_lightning.series import SeriesPoint, SeriesStore
 from devinterp_lightning.stages.events import Transition
 
-MONITOR = "ed/trajectory"
+MONITOR = tags.ED_TRAJECTORY
 
 ProbeSpec = Tensor | tuple | list | Mapping | Callable[[], Any]
 
@@ -199,8 +200,7 @@ class EssentialDynamics(Callback):
         """The model's flattened outputs on the probe batch (float64, CPU); the model is left as found."""
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         batch = to_device(self._resolve_probe(), device, None)
-        cuda = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda), _preserved(model, True, device):
+        with forked_rng(cuda_devices(device)), preserved_modes(model, eval_mode=True):
             out = self.forward_fn(model, batch)
         return _flatten_output(out).cpu()
 
@@ -235,7 +235,7 @@ class EssentialDynamics(Callback):
         lines = [f"{s}," + ",".join(f"{v:.6g}" for v in row) for s, row in zip(steps, scores, strict=True)]
         text = "Trajectory on the final PCA basis (CSV):\n\n```\n" + "\n".join([header, *lines]) + "\n```"
         for w in self._tb_writers(trainer):
-            w.add_text("ed/trajectory_final", text, global_step=int(trainer.global_step))
+            w.add_text(tags.ED_TRAJECTORY_FINAL, text, global_step=int(trainer.global_step))
 
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = int(trainer.global_step)
@@ -245,8 +245,8 @@ class EssentialDynamics(Callback):
         k = self.num_components
         coords = self.pca.project(x, k)
         evr = float(self.pca.explained_variance_ratio(k).sum())
-        metrics = {f"ed/pc{i + 1}": float(coords[i]) for i in range(k)}
-        metrics["ed/explained_variance"] = evr
+        metrics = {tags.ed_component(i): float(coords[i]) for i in range(k)}
+        metrics[tags.ED_EXPLAINED_VARIANCE] = evr
         for key, value in metrics.items():
             self.history.append(key, SeriesPoint(step=step, value=value))
         new = self._detect(step)
@@ -352,7 +352,7 @@ class EssentialDynamics(Callback):
             pairs = ", ".join(f"PC{a + 1}/PC{b + 1}" for a, b in tp.pairs)
             rows.append(f"| {step} | {tp.step} | {math.degrees(tp.turn):.0f} | {pairs} |")
         for w in self._tb_writers(trainer):
-            w.add_text("ed/turning_points", "\n".join(rows), global_step=step)
+            w.add_text(tags.ED_TURNING_POINTS, "\n".join(rows), global_step=step)
 
     def render_image(self, stage_steps: Sequence[int] | None = None) -> np.ndarray:
         """RGB image (``H x W x 3`` uint8) of the trajectory in each pair of the first three
@@ -419,7 +419,7 @@ class EssentialDynamics(Callback):
             return
         img = self.render_image(self._stage_steps(trainer))
         for w in writers:
-            w.add_image("ed/trajectory", img, global_step=int(trainer.global_step), dataformats="HWC")
+            w.add_image(tags.ED_TRAJECTORY, img, global_step=int(trainer.global_step), dataformats="HWC")
 
     # ---- persistence -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -12,10 +12,8 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,8 +22,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from devinterp_lightning.sampling.estimator import _resolve_restriction, estimate_llcs
+from devinterp_lightning.sampling.estimator import estimate_llcs
 from devinterp_lightning.sampling.result import LLCResult, summarize_chains
+from devinterp_lightning.sampling.settings import SGLDSettings
+from devinterp_lightning.sampling.snapshot import forked_rng, resolve_restriction
 from devinterp_lightning.schedule import LogSpaced, Schedule, as_schedule
 from devinterp_lightning.series import SeriesPoint, SeriesStore
 
@@ -73,25 +73,6 @@ def _derive_seed(seed: int, step: int, rank: int) -> int:
     """
     mixed = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB) % (1 << 63)
     return mixed
-
-
-@contextmanager
-def _forked_host_rng() -> Any:
-    """Run a block without consuming the global torch (CPU), Python or NumPy RNG."""
-    py_state = random.getstate()
-    try:
-        import numpy as np
-
-        np_state = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        np, np_state = None, None
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            if np is not None:
-                np.random.set_state(np_state)
 
 
 class _Progress:
@@ -231,9 +212,7 @@ class LLCMonitor(Callback):
         self.num_burnin_steps = num_burnin_steps
         self.num_steps_bw_draws = num_steps_bw_draws
         # the estimator checks these again, but a typo should fail at construction, not at step 100
-        from devinterp_lightning.sampling.estimator import _check_settings
-
-        _check_settings(lr, localization, nbeta, num_chains, num_draws, num_burnin_steps, num_steps_bw_draws)
+        SGLDSettings(lr, localization, nbeta, num_chains, num_draws, num_burnin_steps, num_steps_bw_draws)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer; got {seed!r}")
         self.seed = seed
@@ -303,7 +282,7 @@ class LLCMonitor(Callback):
             )
         named = dict(pl_module.named_parameters())
         for name, restrict in self.restrictions.items():
-            _resolve_restriction(restrict, named, name)  # raises naming the glob and listing the parameters
+            resolve_restriction(restrict, named, name)  # raises naming the glob and listing the parameters
         if self._data_spec is not None:
             self._data = self._materialize(self._data_spec, "data")
         self._datasets = {k: self._materialize(v, f"datasets[{k!r}]") for k, v in self._datasets_spec.items()}
@@ -354,7 +333,7 @@ class LLCMonitor(Callback):
         batches = []
         # Iterating a shuffling loader draws its order from the global RNG; fork it so training
         # sees exactly the order it would have seen without the monitor.
-        with _forked_host_rng():
+        with forked_rng(host=True):
             for batch in loader:
                 batches.append(batch)
                 if len(batches) >= self.num_data_batches:
@@ -398,7 +377,7 @@ class LLCMonitor(Callback):
 
         settings = None
         if trainer.is_global_zero:
-            with _forked_host_rng():
+            with forked_rng(host=True):
                 self.calibration = calibrate_llc(
                     pl_module, self.loss_fn, self._data, nbeta=self.nbeta, num_chains=self.num_chains,
                     num_draws=self.num_draws, num_burnin_steps=self.num_burnin_steps,

@@ -22,17 +22,13 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from devinterp_lightning import tags
 from devinterp_lightning.logging.figures import stage_figure_rgb
 from devinterp_lightning.stages.events import Stage, Transition
+from devinterp_lightning.tags import band_keys, stage_index_key
 
-
-def stage_index_key(monitor: str, main_monitor: str) -> str:
-    return "stage/index" if monitor == main_monitor else f"stage/{monitor}/index"
-
-
-def band_keys(monitor: str) -> tuple[str, str]:
-    """Scalar names of the std band around ``monitor``: ``llc/mean_lower``, ``llc/mean_upper``."""
-    return f"{monitor}_lower", f"{monitor}_upper"
+__all__ = ["TensorBoardStageSink", "band_keys", "band_metrics", "custom_scalars_layout", "stage_index_key",
+           "transition_markdown"]
 
 
 def band_metrics(monitor: str, value: float, std: float) -> dict[str, float]:
@@ -62,7 +58,7 @@ def custom_scalars_layout(monitor: str, loss_regex: str = r".*loss.*") -> dict[s
         "devinterp": {
             f"{monitor} ± std": ["Margin", [monitor, lo, hi]],
             "loss": ["Multiline", [loss_regex]],
-            "stage": ["Multiline", [r"stage/.*"]],
+            "stage": ["Multiline", [tags.STAGE_PREFIX + ".*"]],
         }
     }
 
@@ -82,11 +78,11 @@ class TensorBoardStageSink:
 
     def write_transition(self, t: Transition, step: int, stage_index: int | None = None) -> None:
         for w in self.writers:
-            w.add_text(f"stages/{t.monitor}", transition_markdown(t, stage_index), global_step=step)
+            w.add_text(tags.transition_text_tag(t.monitor), transition_markdown(t, stage_index), global_step=step)
 
     def write_rule(self, rule_name: str, text: str, step: int) -> None:
         for w in self.writers:
-            w.add_text(f"rules/{rule_name}", text, global_step=step)
+            w.add_text(tags.rule_text_tag(rule_name), text, global_step=step)
 
     def write_curve(
         self,
@@ -102,7 +98,7 @@ class TensorBoardStageSink:
             return
         img = stage_figure_rgb(monitor, steps, values, stds, stages, transitions)
         for w in self.writers:
-            w.add_image(f"stages/{monitor}/curve", img, global_step=step, dataformats="HWC")
+            w.add_image(tags.stage_curve_tag(monitor), img, global_step=step, dataformats="HWC")
 
     def flush(self) -> None:
         for w in self.writers:

@@ -11,6 +11,8 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
+from devinterp_lightning.sampling.snapshot import forked_rng
+
 
 def to_device(batch: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
     """Move every tensor in a (nested) batch to ``device``; floating tensors also to ``dtype``.
@@ -84,9 +86,7 @@ def forked_global_rng(loader: Iterable[Any], seed: int, cuda_devices: list[int])
     Only a loader that can draw its order from nowhere but the global RNG gets the fork seeded
     from ``seed`` (for a reproducible order); for all others the global RNG is never reseeded.
     """
-    with torch.random.fork_rng(devices=cuda_devices):
-        if uses_global_rng(loader):
-            torch.default_generator.manual_seed(seed)
+    with forked_rng(cuda_devices, seed=seed if uses_global_rng(loader) else None):
         yield
 
 

@@ -40,15 +40,15 @@ from devinterp_lightning.sampling.batches import (
     iterate_once,
     to_device,
 )
-from devinterp_lightning.sampling.estimator import (
-    _copy,
-    _preserved,
-    _resolve_restriction,
-    default_nbeta,
-    estimate_llc,
-)
+from devinterp_lightning.sampling.estimator import default_nbeta, estimate_llc
 from devinterp_lightning.sampling.result import LLCResult
-from devinterp_lightning.sampling.sgld import _LossModule
+from devinterp_lightning.sampling.sgld import LossModule
+from devinterp_lightning.sampling.snapshot import (
+    cuda_devices,
+    preserved_modes,
+    resolve_restriction,
+    take_snapshot,
+)
 
 logger = logging.getLogger("devinterp_lightning")
 
@@ -200,7 +200,7 @@ class _Probe:
         self, model: nn.Module, loss_fn: LossFn, masks: dict[str, Tensor], anchor: dict[str, Tensor],
         buffers: dict[str, Tensor], batches: list[Any],
     ) -> None:
-        self.module = _LossModule(model, loss_fn)
+        self.module = LossModule(model, loss_fn)
         self.masks = masks
         self.anchor = anchor
         self.fixed = {"model." + n: t for n, t in {**anchor, **buffers}.items() if n not in masks}
@@ -404,13 +404,13 @@ def calibrate_llc(
     dev = torch.device(device) if device is not None else next(iter(named.values())).device
     generator = torch.Generator(device=dev)
     generator.manual_seed(seed)
-    with _preserved(model, True, dev):
-        anchor = {n: _copy(p, dev, dtype) for n, p in named.items()}
-        buffers = {n: _copy(b, dev, dtype) for n, b in model.named_buffers()}
+    with preserved_modes(model, eval_mode=True):
+        snapshot = take_snapshot(model, dev, dtype)
+        anchor, buffers = snapshot.params, snapshot.buffers
         # the same validation (and error messages) as the estimates that follow
-        masks = {n: m.to(dev, anchor[n].dtype) for n, m in _resolve_restriction(restrict, anchor, "restrict").items()}
+        masks = {n: m.to(dev, anchor[n].dtype) for n, m in resolve_restriction(restrict, anchor, "restrict").items()}
         batches = []
-        with forked_global_rng(loader, seed, [dev.index or 0] if dev.type == "cuda" else []):
+        with forked_global_rng(loader, seed, cuda_devices(dev)):
             for batch in iterate_once(loader, torch.Generator().manual_seed(seed)):
                 batches.append(to_device(batch, dev, dtype))
                 if len(batches) == 4:

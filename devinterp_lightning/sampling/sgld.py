@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.utils._pytree import tree_leaves
 
+from devinterp_lightning.sampling.settings import SGLDSettings
+
 logger = logging.getLogger("devinterp_lightning")
 
 #: A lane diverges when ``nbeta * (L(w) - L(w*)) > RUNAWAY_FACTOR * (moving entries + 1)``.
@@ -36,7 +38,7 @@ logger = logging.getLogger("devinterp_lightning")
 RUNAWAY_FACTOR = 1000.0
 
 
-class _LossModule(nn.Module):
+class LossModule(nn.Module):
     """Lets ``functional_call`` call the user's ``loss_fn(model, batch)`` with swapped tensors."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor]) -> None:
@@ -70,29 +72,6 @@ LOOP_THRESHOLD = 4_000_000
 
 
 @dataclass
-class SGLDSettings:
-    """Sampler settings shared by all lanes of one run."""
-
-    lr: float
-    nbeta: float
-    localization: float
-    num_burnin_steps: int
-    num_draws: int
-    num_steps_bw_draws: int = 1
-
-    @property
-    def total_steps(self) -> int:
-        return self.num_burnin_steps + (self.num_draws - 1) * self.num_steps_bw_draws + 1
-
-    def draw_index(self, step: int) -> int | None:
-        """The draw recorded at ``step`` (0-based), or None during burn-in / between draws."""
-        since = step - self.num_burnin_steps
-        if since < 0 or since % self.num_steps_bw_draws:
-            return None
-        return since // self.num_steps_bw_draws
-
-
-@dataclass
 class ChainTraces:
     """What a run produces: ``[num_lanes, num_draws]`` traces and a ``[num_lanes]`` divergence mask."""
 
@@ -118,7 +97,7 @@ class LossEvaluator:
         moving: list[str],
         vectorize: bool | None = None,
     ) -> None:
-        self.module = _LossModule(model, loss_fn)
+        self.module = LossModule(model, loss_fn)
         self.moving = list(moving)
         self.fixed = {"model." + n: t for n, t in anchor.items() if n not in set(moving)}
         self.buffers = {"model." + n: t for n, t in buffers.items()}
