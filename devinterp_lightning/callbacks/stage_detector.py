@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from devinterp_lightning.interfaces import series_providers, transition_publishers
 from devinterp_lightning.logging.tensorboard import TensorBoardStageSink, band_metrics, stage_index_key
 from devinterp_lightning.rules import AlertRule, Firing, RuleEngine, coerce_rules
 from devinterp_lightning.series import SeriesPoint, SeriesStore
@@ -31,11 +32,11 @@ StageBoundaries = Literal["auto", "changepoint", "turning_point", "any"]
 
 
 def _probes(trainer: pl.Trainer) -> list[Any]:
-    return [cb for cb in trainer.callbacks if isinstance(getattr(cb, "history", None), SeriesStore)]
+    return series_providers(trainer.callbacks)
 
 
 def _publishers(trainer: pl.Trainer) -> list[Any]:
-    return [cb for cb in trainer.callbacks if callable(getattr(cb, "published_transitions", None))]
+    return transition_publishers(trainer.callbacks)
 
 
 class StageDetector(Callback):

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from devinterp_lightning.stages.base import Tracker, replay
 from devinterp_lightning.stages.events import Transition
 
 Method = Literal["binseg", "pelt", "bottomup"]
@@ -139,7 +140,7 @@ class _Candidate:
     seen: int  # consecutive refits that contained it
 
 
-class ChangepointTracker:
+class ChangepointTracker(Tracker):
     """Confirms changepoints of one growing series; state survives ``state_dict`` round trips.
 
     Call :meth:`update` with the *whole* series each time it grows; it returns the transitions
@@ -308,12 +309,3 @@ def detect_changepoints(
     """
     tracker = ChangepointTracker(tracker_kwargs.pop("monitor", "series"), **tracker_kwargs)
     return replay(tracker, steps, values, stderrs)
-
-
-def replay(tracker: Any, steps: Sequence[int], values: Sequence[float],
-           stderrs: Sequence[float] | None = None) -> list[Transition]:
-    """Feed a tracker the growing prefixes of a series, as a training run would, and return every
-    transition it confirmed (each with the step at which it was confirmed)."""
-    for k in range(1, len(values) + 1):
-        tracker.update(steps[:k], values[:k], stderrs=None if stderrs is None else stderrs[:k])
-    return list(tracker.transitions)

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from devinterp_lightning.stages.changepoints import estimate_noise, replay
+from devinterp_lightning.stages.base import Tracker, replay
+from devinterp_lightning.stages.changepoints import estimate_noise
 from devinterp_lightning.stages.events import Transition
 
 
@@ -47,7 +48,7 @@ def slope_z_scores(values: Sequence[float], window: int, sigma: float) -> np.nda
     return out
 
 
-class TurningPointTracker:
+class TurningPointTracker(Tracker):
     """Confirms turning points of one growing series; state survives ``state_dict`` round trips.
 
     Args:
