@@ -1,5 +1,8 @@
 """Command line: ``devinterp-lightning report LOGDIR [--output PATH] [--quiet]``.
 
+Options are spelled out in full: ``allow_abbrev=False``, so ``--out`` is an error rather than a
+silent abbreviation of ``--output``.
+
 Also runs as ``python -m devinterp_lightning.cli``.
 """
 
@@ -16,14 +19,16 @@ from devinterp_lightning import __version__
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="devinterp-lightning",
+        allow_abbrev=False,
         description="Tools for runs monitored with devinterp-lightning (LLC, stages, essential dynamics).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     rep = sub.add_parser(
         "report",
+        allow_abbrev=False,
         help="write a self-contained HTML report of a run's TensorBoard logs",
-        description="Read the TensorBoard event files under LOGDIR and write one HTML file (figures embedded) "
+        description="Read the TensorBoard event files under LOGDIR and write an HTML page (figures embedded) "
         "with the loss, LLC and restricted-LLC curves, stages and transitions, and the essential-dynamics trajectory.",
     )
     rep.add_argument(
@@ -36,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
         "--output",
         metavar="PATH",
         default=None,
-        help="where to write the report (default: LOGDIR/report.html)",
+        help="a path ending in .html: write that one self-contained page; anything else (an existing or new "
+        "directory, with or without a trailing /): write PATH/index.html plus PATH/figures/*.png "
+        "(default: LOGDIR/report.html)",
     )
     rep.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     return parser

@@ -245,6 +245,8 @@ class StageDetector(Callback):
 
     def _take_point(self, trainer: pl.Trainer, key: str, p: SeriesPoint, step: int) -> None:
         self._last_step[key] = p.step
+        if p.flags:
+            self._sink.write_flagged(key, p.step, p.value, p.std, p.flags)
         if self.ignore_flagged and p.flags:
             return
         if not math.isfinite(p.value):

@@ -6,7 +6,9 @@ TensorBoard cannot draw vertical lines on a scalar chart, so a stage is shown fo
   every logger (CSV included);
 * ``<monitor>_lower`` / ``<monitor>_upper``: ``mean -+ std`` of each point, also to every logger;
 * a text entry per transition (``stages/<monitor>``, a small Markdown table) and per fired rule
-  (``rules/<name>``);
+  (``rules/<name>``), for people; next to each, a structured JSON record for programs
+  (``stages/<monitor>/json``, ``rules/<name>/json``; see :mod:`devinterp_lightning.tags`), and one
+  record per unhealthy point of a watched series (``stages/<monitor>/flagged``);
 * an image ``stages/<monitor>/curve``: the curve with shaded stages and changepoint lines;
 * one custom-scalars layout per run: the monitor with its std band (a Margin chart) next to every
   scalar whose name contains "loss".
@@ -68,21 +70,47 @@ class TensorBoardStageSink:
 
     def __init__(self, writers: Iterable[Any]) -> None:
         self.writers = list(writers)
+        #: the detector's main monitor (set by :meth:`write_layout`): its stage index is ``stage/index``
+        self.main_monitor: str | None = None
 
     def __bool__(self) -> bool:
         return bool(self.writers)
 
     def write_layout(self, monitor: str) -> None:
+        """The custom-scalars layout, and a ``"detector"`` record (``stages/<monitor>/json`` at step 0)
+        that names the main monitor: a reader then knows the monitor was watched (so a point without
+        a ``flagged`` record was healthy) and that its stage index is ``stage/index``."""
+        self.main_monitor = monitor
+        record = tags.detector_record(monitor, tags.STAGE_INDEX)
         for w in self.writers:
             w.add_custom_scalars(custom_scalars_layout(monitor))
+            w.add_text(tags.transition_record_tag(monitor), record, global_step=0)
 
     def write_transition(self, t: Transition, step: int, stage_index: int | None = None) -> None:
+        """The Markdown table (``stages/<monitor>``) and the JSON record (``stages/<monitor>/json``)."""
+        if not self.writers:
+            return
+        index_tag = stage_index_key(t.monitor, self.main_monitor or t.monitor)
+        record = tags.transition_record(t, stage_index, index_tag)
         for w in self.writers:
             w.add_text(tags.transition_text_tag(t.monitor), transition_markdown(t, stage_index), global_step=step)
+            w.add_text(tags.transition_record_tag(t.monitor), record, global_step=step)
 
     def write_rule(self, rule_name: str, text: str, step: int) -> None:
+        """The firing's description (``rules/<name>``) and its JSON record (``rules/<name>/json``)."""
+        record = tags.rule_record(rule_name, step, text)
         for w in self.writers:
             w.add_text(tags.rule_text_tag(rule_name), text, global_step=step)
+            w.add_text(tags.rule_record_tag(rule_name), record, global_step=step)
+
+    def write_flagged(self, monitor: str, step: int, value: float, std: float, flags: Sequence[str]) -> None:
+        """The JSON record of one unhealthy point (``stages/<monitor>/flagged``) at its own ``step``:
+        the report draws these points apart and keeps them from setting the axis."""
+        if not self.writers or not flags:
+            return
+        record = tags.flagged_record(monitor, step, value, std, flags)
+        for w in self.writers:
+            w.add_text(tags.flagged_record_tag(monitor), record, global_step=int(step))
 
     def write_curve(
         self,
