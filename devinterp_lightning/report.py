@@ -171,12 +171,14 @@ def _timelines(run: RunData) -> list[F.StageTimeline]:
         tl.onsets.append(int(rec["changepoint_step"]))
         tl.indices.append(int(idx))
         tl.confirmed.append(int(rec["step"]))
+    main = {r["stage_index_tag"]: r["monitor"] for r in run.records("detector")}
     for tag in tags.stage_index_tags(run.scalars):
         if tag in by_tag:
             continue
         steps, vals = run.series(tag)
         change = np.flatnonzero(np.diff(vals) != 0) + 1
-        by_tag[tag] = F.StageTimeline(tag, [int(steps[i]) for i in change], [int(vals[i]) for i in change],
+        label = f"{tag} ({main[tag]})" if tag in main else tag
+        by_tag[tag] = F.StageTimeline(label, [int(steps[i]) for i in change], [int(vals[i]) for i in change],
                                       [None] * len(change))
     ordered = tags.stage_index_tags(by_tag)
     return [by_tag[t] for t in ordered]
@@ -188,6 +190,8 @@ def _main_spans(run: RunData, timelines: list[F.StageTimeline]) -> list[F.Span]:
     if not timelines or rng is None:
         return []
     tl = timelines[0]
+    if not tl.onsets:
+        return []  # one stage: nothing to tell apart
     bounds = [rng[0], *tl.onsets, rng[1]]
     indices = [0, *tl.indices]
     return [F.Span(i, a, b) for i, a, b in zip(indices, bounds[:-1], bounds[1:], strict=True)]

@@ -139,12 +139,12 @@ def curve_figure(
         flagged = c.flagged if c.flagged is not None else np.zeros(len(c.steps), dtype=bool)
         ok = ~flagged
         marker = "." if ok.sum() < 60 else None
-        (line,) = ax.plot(c.steps[ok], c.values[ok], lw=1.2, label=c.label, marker=marker, zorder=3)
+        # a flagged point breaks the line and the band (NaN): no straight segment across unhealthy stretches
+        healthy = np.where(ok, c.values, np.nan)
+        (line,) = ax.plot(c.steps, healthy, lw=1.2, label=c.label, marker=marker, zorder=3)
         if c.band is not None:
-            b = c.band
-            good = ok & np.isfinite(b)
-            ax.fill_between(c.steps[good], (c.values - b)[good], (c.values + b)[good], color=line.get_color(),
-                            alpha=0.2, lw=0, zorder=2)
+            b = np.where(ok & np.isfinite(c.band), c.band, np.nan)
+            ax.fill_between(c.steps, healthy - b, healthy + b, color=line.get_color(), alpha=0.2, lw=0, zorder=2)
         if flagged.any():
             any_flagged = True
             ax.scatter(c.steps[flagged], c.values[flagged], marker="x", s=28, color=line.get_color(), zorder=4)
