@@ -57,6 +57,7 @@ class RunData:
     #: image tag -> [(step, encoded image bytes)]
     images: dict[str, list[tuple[int, bytes]]] = field(default_factory=dict)
     num_events: int = 0
+    _records: dict[str, list[dict[str, Any]]] | None = field(default=None, repr=False, compare=False)
 
     def is_empty(self) -> bool:
         return not (self.scalars or self.texts or self.images)
@@ -74,17 +75,19 @@ class RunData:
     def records(self, kind: str) -> list[dict[str, Any]]:
         """The structured records of ``kind`` ("transition", "flagged", "rule") from every record tag,
         each once (a resumed run may write a record again), in the order of their ``step``."""
-        seen: set[str] = set()
-        out: list[dict[str, Any]] = []
-        for tag, items in self.texts.items():
-            if not tags.is_record_tag(tag):
-                continue
-            for _, text in items:
-                rec = tags.decode_record(text)
-                if rec is not None and rec["record"] == kind and text not in seen:
-                    seen.add(text)
-                    out.append(rec)
-        return sorted(out, key=lambda r: int(r.get("step", 0)))
+        if self._records is None:
+            seen: set[str] = set()
+            by_kind: dict[str, list[dict[str, Any]]] = {}
+            for tag, items in self.texts.items():
+                if not tags.is_record_tag(tag):
+                    continue
+                for _, text in items:
+                    rec = tags.decode_record(text)
+                    if rec is not None and text not in seen:
+                        seen.add(text)
+                        by_kind.setdefault(str(rec["record"]), []).append(rec)
+            self._records = {k: sorted(v, key=lambda r: int(r.get("step", 0))) for k, v in by_kind.items()}
+        return list(self._records.get(kind, []))
 
     def step_range(self) -> tuple[int, int] | None:
         steps = [s for items in self.scalars.values() for s, _, _ in items]
@@ -138,16 +141,16 @@ def read_run(directory: str | os.PathLike[str], progress: Progress | None = None
     done = 0
     run = RunData(path=directory)
     for path in files:
-        start = done
+        start, size = done, path.stat().st_size
         for event in EventFileLoader(str(path)).Load():
             run.num_events += 1
-            done = min(start + path.stat().st_size, done + event.ByteSize() + 16)  # 16: record framing
+            done = min(start + size, done + event.ByteSize() + 16)  # 16: record framing
             if progress is not None and run.num_events % 256 == 0:
                 progress(done, total)
             if event.HasField("summary"):
                 for value in event.summary.value:
                     _add_value(run, int(event.step), float(event.wall_time), value)
-        done = start + path.stat().st_size
+        done = start + size
     if progress is not None:
         progress(total, total)
     return run
