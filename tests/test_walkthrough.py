@@ -697,3 +697,24 @@ def test_documented_command(command: str, walk: Walk) -> None:
     result = walk.run(command)
     if entry.check is not None:
         entry.check(walk, result)
+
+
+def test_ci_run_fails_when_pytest_collects_no_tests(tmp_path: Path) -> None:
+    """`.ci/run` cannot pass on an empty suite: pytest's exit status 5 ("no tests ran") is the script's
+    status (its last command, under ``set -e``). Run on a tree with no tests and a stub ``pip``."""
+    (tmp_path / ".ci").mkdir()
+    shutil.copy2(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "conftest.py").write_text(
+        "def pytest_addoption(parser):\n    parser.addoption('--runslow', action='store_true')\n")
+    (tmp_path / "pytest.ini").write_text("[pytest]\ntestpaths = tests\n")
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    (stubs / "pip").write_text("#!/bin/sh\nexit 0\n")
+    (stubs / "pip").chmod(0o755)
+    (stubs / "python").symlink_to(sys.executable)
+    env = {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run([str(tmp_path / ".ci" / "run")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert "no tests ran" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert proc.returncode == 5, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
