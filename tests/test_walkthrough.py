@@ -483,6 +483,10 @@ COMMANDS: dict[str, Entry] = {
         phase=0, timeout=300, check=_pip_noop, cwd="root",
         instead=None if EDITABLE_HERE else 'pip install --dry-run --no-build-isolation -e ".[dev]"',
         why="as written where this checkout is the editable install (CI); elsewhere: " + DRY_RUN),
+    'pip install -e ".[cli]"': Entry(
+        phase=0, timeout=300, check=_pip_noop, cwd="root",
+        instead=None if EDITABLE_HERE else 'pip install --dry-run --no-build-isolation -e ".[cli]"',
+        why="as written where this checkout is the editable install (CI); elsewhere: " + DRY_RUN),
     "python -m pytest --runslow": Entry(how="not-run", phase=0, why=RECURSION, check=_ci_runs(README_TESTS)),
     ".ci/run": Entry(how="not-run", phase=0, why=RECURSION, check=_ci_runs(README_TESTS)),
     "python -m pytest": Entry(
@@ -505,10 +509,11 @@ COMMANDS: dict[str, Entry] = {
     # ---- docs/examples.md: synopses ([--option default] written out) and the LightningCLI example
     "python examples/deep_linear_network.py [--logdir runs/deep_linear_network] [--max-steps 1600] [--seed 0]": Entry(
         phase=2, timeout=300,
-        instead=DEMO_STAND_IN,
+        instead=f"{DEMO} --logdir runs/synopsis/deep_linear_network --max-steps 160 --seed 0 --num-draws 20 "
+                "--no-final-llc --quiet",
         why="a synopsis: the bracketed options are accepted (the default-length run is the README's demo, above); "
-            "200 steps and short chains keep it quick; the same run stands in for the demo without --runslow",
-        check=_event_files(DEMO_LOGDIR, "llc/mean", "stage/index")),
+            "160 steps and short chains keep it quick; its own directory keeps the demo's log one run",
+        check=_event_files("runs/synopsis/deep_linear_network", "llc/mean")),
     "python examples/grokking.py [--logdir runs/grokking] [--max-steps 2000] [--seed 0] [--weight-decay 2]": Entry(
         phase=2, timeout=300,
         instead="python examples/grokking.py --logdir runs/grokking --max-steps 60 --seed 0 --weight-decay 2 --num-draws 10 --quiet",

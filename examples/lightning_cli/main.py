@@ -13,7 +13,8 @@ with the key as prefix:
     python examples/lightning_cli/main.py fit --config examples/lightning_cli/config.yaml \\
         --trainer.max_steps 300 --llc_monitor.num_draws 100 --stage_detector.min_size 4
 
-``python examples/lightning_cli/main.py fit --help`` lists them all. (Callbacks given as a list
+``python examples/lightning_cli/main.py fit --help`` lists them all. LightningCLI needs
+``jsonargparse`` (``pip install -e ".[cli]"``). (Callbacks given as a list
 under ``trainer.callbacks`` cannot be addressed this way: ``--trainer.callbacks.num_draws 20``
 goes to the *last* callback of the list, whichever class it is.)
 """
