@@ -448,6 +448,27 @@ def _lines_in_output(*needles: str) -> Check:
     return check
 
 
+def _no_chromium() -> str:
+    browsers = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+    if any(shutil.which(b) for b in browsers):
+        return ""
+    return "no Chromium on PATH (`apt-get install chromium`): the screenshot needs a real browser"
+
+
+def _png(path: str) -> Check:
+    def check(walk: Walk, result: Result) -> None:
+        png = walk.workspace / path
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.stat().st_mtime >= time.time() - result.seconds - 5, f"{path} was not rewritten"
+
+    return check
+
+
+def _chromium_is_the_name_searched(walk: Walk, result: Result) -> None:
+    script = ROOT / "docs" / "scripts" / "screenshot_report.py"
+    assert '"chromium"' in script.read_text(), f"{script} does not look for the `chromium` binary"
+
+
 DEMO = "python examples/deep_linear_network.py"
 DEMO_LOGDIR = "runs/deep_linear_network"
 #: a 200-step run of the demo into the same directory: what later steps read when the demo is skipped
@@ -580,16 +601,51 @@ COMMANDS: dict[str, Entry] = {
     "python benchmarks/bench_monitor_overhead.py": Entry(
         phase=5, timeout=600, slow=True, instead="python benchmarks/bench_monitor_overhead.py --steps 300",
         why="as written it trains 2000 steps under five schedules (minutes); 300 steps run the same code paths",
-        check=_lines_in_output("no monitor", "overhead")),
+        check=None),  # its output format is being reworked (monitor branch): the exit status is the check
     "python benchmarks/bench_calibration.py": Entry(
         phase=5, timeout=600, slow=True,
         instead="python benchmarks/bench_calibration.py --seeds 1 --burnin 100 --draws 100",
         why="as written: 3 seeds x 3 shapes with 600-step chains (minutes); one seed, shorter chains",
         check=_lines_in_output("cost ratio median")),
+    # ---- commands that other branches add to the docs (merged by the lead; see AWAITED below)
+    "devinterp-lightning report lightning_logs --output report/": Entry(
+        phase=4, timeout=300, needs=("lightning_logs/version_0",), check=_report_written("report")),
+    "python docs/scripts/screenshot_report.py": Entry(
+        phase=4, timeout=600, slow=True, skip_unless=_no_chromium, check=_png("docs/img/report.png"),
+        why="as written where Chromium is installed; skipped with the reason elsewhere"),
+    "apt-get install chromium": Entry(
+        how="not-run", phase=4, check=_chromium_is_the_name_searched,
+        why="installs a system package (root, network); checked: `chromium`, the binary Debian's package "
+            "installs, is what docs/scripts/screenshot_report.py looks for"),
+    "OMP_NUM_THREADS=1 python benchmarks/bench_monitor_overhead.py --steps 2000 20000 --repeats 2": Entry(
+        phase=5, timeout=600, slow=True,
+        instead="OMP_NUM_THREADS=1 python benchmarks/bench_monitor_overhead.py --steps 200 --repeats 1",
+        why="the full measurement trains 2 x (2,000 + 20,000) steps per mode (tens of minutes); 200 steps run "
+            "the same code"),
+    "python benchmarks/bench_monitor_defaults.py --variance 2000 600 --seeds 0 1 2 3 4 5 6 7": Entry(
+        phase=5, timeout=600, slow=True,
+        instead="python benchmarks/bench_monitor_defaults.py --variance 200 100 --seeds 0 1",
+        why="8 seeds at 2,000 steps take many minutes; 2 seeds at 200 run the same code"),
+    "python benchmarks/bench_monitor_defaults.py --seeds 0 --configs 0 1 2 3 4": Entry(
+        phase=5, timeout=600, slow=True,
+        instead="python benchmarks/bench_monitor_defaults.py --seeds 0 --configs 0 --max-steps 200",
+        why="five 1,600-step runs of the demo take many minutes; one 200-step run runs the same code"),
     # ---- the docs site
     "mkdocs serve": Entry(
         how="serve", phase=5, timeout=240, instead="mkdocs serve --dev-addr 127.0.0.1:{port}",
         why="a free port instead of 8000", check=_mkdocs_page),
+}
+
+#: commands other helpers' branches add to the docs (report page on main, monitor page), given entries
+#: here so the merged suite covers them; until they are in this branch's docs they are not "stale".
+#: Once merged, this set can be emptied.
+AWAITED = {
+    "devinterp-lightning report lightning_logs --output report/",
+    "python docs/scripts/screenshot_report.py",
+    "apt-get install chromium",
+    "OMP_NUM_THREADS=1 python benchmarks/bench_monitor_overhead.py --steps 2000 20000 --repeats 2",
+    "python benchmarks/bench_monitor_defaults.py --variance 2000 600 --seeds 0 1 2 3 4 5 6 7",
+    "python benchmarks/bench_monitor_defaults.py --seeds 0 --configs 0 1 2 3 4",
 }
 
 #: what a user has before a command on a page, when no documented command makes it: a path in the
@@ -682,7 +738,7 @@ def test_every_documented_command_has_an_entry() -> None:
 
 
 def test_no_entry_for_a_command_the_docs_dropped() -> None:
-    stale = sorted(set(COMMANDS) - set(DOCUMENTED))
+    stale = sorted(set(COMMANDS) - set(DOCUMENTED) - AWAITED)
     assert not stale, f"COMMANDS entries no longer written in README.md or docs/*.md (remove them): {stale}"
 
 
