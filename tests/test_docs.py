@@ -62,3 +62,25 @@ def test_docs_build_strict(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+#: fenced-block languages and what checks them; a block in any other language would be checked by nothing
+CHECKED_LANGUAGES = {
+    "python": "test_python_snippets_run",
+    "yaml": "test_yaml_rule_snippets_load",
+    **{lang: "tests/test_walkthrough.py (every command runs)" for lang in ("bash", "sh", "shell", "console")},
+    "text": "not code (output shown to the reader)",
+}
+
+
+def test_every_code_block_is_checked() -> None:
+    """A fenced block in a language nothing runs (say ```toml) fails here until a check is added for it."""
+    opening = re.compile(r"^```(\S*)", re.MULTILINE)
+    unchecked = []
+    for path in DOC_FILES:
+        inside = False
+        for lang in opening.findall(path.read_text()):
+            inside = not inside
+            if inside and lang and lang not in CHECKED_LANGUAGES:
+                unchecked.append(f"{path.name}: ```{lang}")
+    assert not unchecked, f"code blocks no test checks: {unchecked}; add the language to CHECKED_LANGUAGES with its test"
