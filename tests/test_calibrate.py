@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from devinterp_lightning import theory
 from devinterp_lightning.sampling.calibrate import LOCALIZATION_BOOST, CalibrationResult, calibrate_llc
 from devinterp_lightning.sampling.estimator import estimate_llc
+from devinterp_lightning.sampling.settings import SGLDSettings
 
 
 def half_sse(model: nn.Module, batch) -> torch.Tensor:
@@ -85,6 +86,10 @@ def test_recommends_healthy_settings_and_records_evidence(calibrated) -> None:
     chosen = [t for t in cal.trials if not t.rejected]
     assert len(chosen) == 1 and chosen[0].lr == cal.lr
     assert chosen[0].estimate is cal.estimate and cal.estimate.healthy
+    # the bias check passed for the pair (2 lr, lr) and the smaller step of the pair is returned
+    above = next(t for t in cal.trials if t.lr == pytest.approx(2 * cal.lr))
+    assert above.rejected.startswith("agrees with lr/2") and above.estimate.healthy, cal.summary()
+    assert "agrees with 2x its lr" in cal.reason
     # every lr larger than the chosen one carries a reason; the stability limit itself is rejected
     for t in cal.trials:
         if t.lr > cal.lr:
@@ -97,6 +102,29 @@ def test_recommends_healthy_settings_and_records_evidence(calibrated) -> None:
 
 def test_model_is_left_untouched(calibrated) -> None:
     assert calibrated[3]
+
+
+def test_public_signature_has_no_private_arguments() -> None:
+    import inspect
+
+    params = inspect.signature(calibrate_llc).parameters
+    assert not [p for p in params if p.startswith("_")]
+    assert "settings" in params
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_settings_object_gives_layout_nbeta_and_a_fixed_localization() -> None:
+    model, loader = regression()
+    layout = SGLDSettings(lr=1.0, localization=5.0, nbeta=200.0, num_chains=2, num_draws=30, num_burnin_steps=10)
+    cal = calibrate_llc(model, half_sse, loader, settings=layout, max_estimates=1)
+    assert (cal.nbeta, cal.localization, cal.num_draws, cal.num_burnin_steps) == (200.0, 5.0, 30, 10)
+    assert cal.estimate.num_chains == 2 and cal.lr != 1.0  # the settings' lr is what is calibrated
+    # keywords override the settings' fields, as for estimate_llc
+    cal = calibrate_llc(model, half_sse, loader, settings=layout, num_draws=20, max_estimates=1)
+    assert cal.num_draws == 20 and cal.estimate.num_draws == 20
+    as_settings = cal.settings(num_chains=3)
+    assert isinstance(as_settings, SGLDSettings) and as_settings.num_chains == 3 and as_settings.lr == cal.lr
+    assert as_settings.as_kwargs() == {**cal.as_kwargs(), "num_chains": 3}
 
 
 @pytest.mark.slow
