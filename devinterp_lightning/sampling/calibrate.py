@@ -127,7 +127,8 @@ class CalibrationResult:
     Attributes:
         lr, localization, nbeta: the recommendation.
         num_draws, num_burnin_steps, num_steps_bw_draws: the chain layout the recommendation was
-            checked with (the caller's target layout).
+            checked with: the caller's, with the burn-in doubled where the smaller step needed it
+            to level off (``max_burnin_extensions``).
         ok: True when an lr passed every check: it is healthy and its estimate agrees with the one
             at twice its lr (or, where its half cannot mix within the burn-in, its MALA acceptance
             is at least ``ACCEPTANCE_WITHOUT_BIAS_CHECK``). False means the fallback (the
@@ -366,6 +367,8 @@ class _Context:
     progress: Callable[[int, int], None] | None
     probe: _Probe
     generator: torch.Generator
+    #: how many more times the burn-in may be doubled
+    burnin_extensions: int = 0
 
 
 @dataclass
@@ -380,6 +383,11 @@ class _Attempt:
     reasons: dict[int, str] = field(default_factory=dict)
     chosen: int | None = None
     why: str = ""
+    #: trial estimates run and their chain-steps (re-runs with a longer burn-in included)
+    runs: int = 0
+    steps: int = 0
+    #: lr index -> why its burn-in was extended
+    extended: dict[int, str] = field(default_factory=dict)
 
     @property
     def slid_off(self) -> bool:
@@ -390,6 +398,8 @@ class _Attempt:
         out = []
         for k, lr in enumerate(self.lrs):
             reason = "" if k == chosen else prefix + self.reasons.get(k, "not reached")
+            if k in self.extended:
+                reason = (reason + "; " if reason else "") + f"burn-in extended ({self.extended[k]})"
             out.append(Trial(lr, float(self.acceptance[k]), float(self.distance[k]), self.estimates.get(k), reason))
         return tuple(out)
 
@@ -458,7 +468,7 @@ def _first_to_estimate(attempt: _Attempt) -> int:
 
 
 def _estimate(ctx: _Context, attempt: _Attempt, i: int) -> LLCResult:
-    """The trial estimate at ``attempt.lrs[i]`` (run once; every trial shares the seed)."""
+    """The trial estimate at ``attempt.lrs[i]`` with the current layout (every trial shares the seed)."""
     if i not in attempt.estimates:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # divergence is evidence here, not news
@@ -467,7 +477,25 @@ def _estimate(ctx: _Context, attempt: _Attempt, i: int) -> LLCResult:
                 settings=ctx.layout.replace(lr=attempt.lrs[i], localization=attempt.localization),
                 restrict=ctx.restrict, seed=ctx.seed, device=ctx.device, dtype=ctx.dtype, progress=ctx.progress,
             )
+        attempt.runs += 1
+        attempt.steps += ctx.layout.total_steps
     return attempt.estimates[i]
+
+
+def _extend_burnin(ctx: _Context, attempt: _Attempt, i: int, max_estimates: int) -> LLCResult:
+    """Re-run the trial at ``lrs[i]`` with the burn-in doubled while it only lacks mixing (at most
+    ``ctx.burnin_extensions`` times in all): a step half as large needs twice the steps to level
+    off, and the bias check needs the smaller step's estimate levelled off."""
+    res = attempt.estimates[i]
+    while (res.flags and set(res.flags) <= _MIXING_FLAGS and ctx.burnin_extensions > 0
+           and attempt.runs < max_estimates):
+        ctx.burnin_extensions -= 1
+        burnin = max(2 * ctx.layout.num_burnin_steps, ctx.layout.total_steps)
+        attempt.extended[i] = f"{', '.join(res.flags)} with {ctx.layout.num_burnin_steps} burn-in steps"
+        ctx.layout = ctx.layout.replace(num_burnin_steps=burnin)
+        del attempt.estimates[i]
+        res = _estimate(ctx, attempt, i)
+    return res
 
 
 def _search_lr(ctx: _Context, attempt: _Attempt, rel_tol: float, z: float, max_estimates: int) -> None:
@@ -480,7 +508,7 @@ def _search_lr(ctx: _Context, attempt: _Attempt, rel_tol: float, z: float, max_e
     reasons = attempt.reasons
     n = len(attempt.lrs)
     i = _first_to_estimate(attempt)
-    while i < n and len(attempt.estimates) < max_estimates:
+    while i < n and attempt.runs < max_estimates:
         res = _estimate(ctx, attempt, i)
         if res.flags:
             reasons[i] = "flags: " + ", ".join(res.flags)
@@ -490,10 +518,11 @@ def _search_lr(ctx: _Context, attempt: _Attempt, rel_tol: float, z: float, max_e
                 return
             i += 1
             continue
-        if i + 1 >= n or len(attempt.estimates) >= max_estimates:
+        if i + 1 >= n or attempt.runs >= max_estimates:
             reasons[i] = f"no lr/{LR_FACTOR:g} left for the bias check"
             return
-        half = _estimate(ctx, attempt, i + 1)
+        _estimate(ctx, attempt, i + 1)
+        half = _extend_burnin(ctx, attempt, i + 1, max_estimates)
         if half.flags:
             stalled = set(half.flags) <= _MIXING_FLAGS
             reasons[i + 1] = "flags: " + ", ".join(half.flags)
@@ -553,6 +582,7 @@ def calibrate_llc(
     probe_steps: int = 50,
     max_estimates: int = 6,
     max_localization_boosts: int = 2,
+    max_burnin_extensions: int = 2,
     seed: int = 0,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = torch.float32,
@@ -589,6 +619,9 @@ def calibrate_llc(
             on the plateaus of saddle-to-saddle dynamics), the search is repeated with the
             localization raised by ``LOCALIZATION_BOOST``, at most this many times. The trials of
             every attempt are kept in the evidence.
+        max_burnin_extensions: when the estimate at ``lr/2`` is flagged only for mixing
+            (``drifting`` / ``high_rhat``) its burn-in is doubled and it is run again, at most this
+            many times in all; the recommendation then carries the longer burn-in.
         seed: every trial uses this seed (common random numbers make the bias check sharper).
         progress: optional ``progress(done, total)`` in trial estimates.
 
@@ -604,12 +637,14 @@ def calibrate_llc(
         raise ValueError(f"rel_tol must be in (0, 1), e.g. 0.1; got {rel_tol}")
     if lrs is not None and (not lrs or any(not (x > 0 and math.isfinite(x)) for x in lrs)):
         raise ValueError(f"lrs must be a non-empty list of positive step sizes; got {lrs!r}")
+    if max_burnin_extensions < 0 or max_localization_boosts < 0:
+        raise ValueError("max_burnin_extensions and max_localization_boosts must be >= 0")
 
     with preserved_modes(model, eval_mode=True):
         probe, nbeta, generator = _prepare(model, loss_fn, loader, layout.nbeta, restrict, seed, device, dtype)
         curvature = probe.top_eigenvalue(20, generator)
         ctx = _Context(model, loss_fn, loader, restrict, layout.replace(nbeta=nbeta), seed, device, dtype,
-                       progress, probe, generator)
+                       progress, probe, generator, burnin_extensions=max_burnin_extensions)
         loc = fixed_localization if fixed_localization is not None else _choose_localization(curvature, nbeta)
         attempts: list[_Attempt] = []
         for boost in range(max_localization_boosts + 1):
@@ -674,8 +709,7 @@ def _decide(
     trials += last.trials(chosen=chosen)
     layout = ctx.layout
     # chain-steps spent: the probe lanes and HVPs, then every trial estimate
-    spent = sum(probe_steps * len(a.lrs) // layout.num_chains + 60 for a in attempts)
-    spent += layout.total_steps * sum(len(a.estimates) for a in attempts)
+    spent = sum(probe_steps * len(a.lrs) // layout.num_chains + 60 + a.steps for a in attempts)
     result = CalibrationResult(
         lr=last.lrs[chosen], localization=float(last.localization), nbeta=float(layout.nbeta),
         num_draws=layout.num_draws, num_burnin_steps=layout.num_burnin_steps,
