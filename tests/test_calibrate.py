@@ -232,6 +232,34 @@ def test_a_saddle_is_calibrated_by_raising_the_localization() -> None:
     assert cal.estimate.mean > 0
 
 
+def test_not_ok_when_the_pair_disagrees(monkeypatch) -> None:
+    """lr * (nbeta h + localization) = 1 and 0.5 on the regular model: +29% and +13% over lambda = 6
+    (measured, docs/calibration.md). With the MALA screen off, the bias check alone must refuse:
+    it fails and nothing smaller is left, so the result is not ok."""
+    import devinterp_lightning.sampling.calibrate as calibrate_module
+
+    monkeypatch.setattr(calibrate_module, "MIN_ACCEPTANCE", 0.0)
+    model, loader = regression()
+    stiff = 128 / math.log(128) * 1.01 * 1.14  # nbeta * (h + 0.01 h), h = 1.14 for this fixture
+    with pytest.warns(RuntimeWarning, match="no lr passed every check"):
+        cal = calibrate_llc(model, half_sse, loader, lrs=[1 / stiff, 0.5 / stiff], **FAST)
+    assert not cal.ok, cal.summary()
+    assert "bias check against lr/2 failed" in cal.trials[0].rejected
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_burnin_is_doubled_when_a_trial_only_lacks_mixing() -> None:
+    model, loader = regression()
+    lr = 0.1 / (128 / math.log(128) * 1.01 * 1.14)
+    kwargs = dict(lrs=[lr, lr / 2, lr / 4], num_chains=4, num_draws=200, num_burnin_steps=20, seed=0)
+    cal = calibrate_llc(model, half_sse, loader, **kwargs)
+    # 20 -> 220 (one full trial length) -> 440: the extended layout is what is recommended
+    assert cal.num_burnin_steps == 440 and cal.as_kwargs()["num_burnin_steps"] == 440, cal.summary()
+    assert any("burn-in extended after" in t.rejected for t in cal.trials) or "burn-in extended" in cal.reason
+    fixed = calibrate_llc(model, half_sse, loader, max_burnin_extensions=0, **kwargs)
+    assert fixed.num_burnin_steps == 20
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_deterministic_for_a_seed() -> None:
     model, loader = regression()

@@ -398,8 +398,8 @@ class _Attempt:
         out = []
         for k, lr in enumerate(self.lrs):
             reason = "" if k == chosen else prefix + self.reasons.get(k, "not reached")
-            if k in self.extended:
-                reason = (reason + "; " if reason else "") + f"burn-in extended ({self.extended[k]})"
+            if k in self.extended and k != chosen:
+                reason += f"; burn-in extended after {self.extended[k]} burn-in steps"
             out.append(Trial(lr, float(self.acceptance[k]), float(self.distance[k]), self.estimates.get(k), reason))
         return tuple(out)
 
@@ -485,13 +485,14 @@ def _estimate(ctx: _Context, attempt: _Attempt, i: int) -> LLCResult:
 def _extend_burnin(ctx: _Context, attempt: _Attempt, i: int, max_estimates: int) -> LLCResult:
     """Re-run the trial at ``lrs[i]`` with the burn-in doubled while it only lacks mixing (at most
     ``ctx.burnin_extensions`` times in all): a step half as large needs twice the steps to level
-    off, and the bias check needs the smaller step's estimate levelled off."""
+    off, and the bias check needs both estimates levelled off. Later trials keep the longer burn-in."""
     res = attempt.estimates[i]
     while (res.flags and set(res.flags) <= _MIXING_FLAGS and ctx.burnin_extensions > 0
            and attempt.runs < max_estimates):
         ctx.burnin_extensions -= 1
         burnin = max(2 * ctx.layout.num_burnin_steps, ctx.layout.total_steps)
-        attempt.extended[i] = f"{', '.join(res.flags)} with {ctx.layout.num_burnin_steps} burn-in steps"
+        note = f"{', '.join(res.flags)} with {ctx.layout.num_burnin_steps}"
+        attempt.extended[i] = attempt.extended[i] + "; " + note if i in attempt.extended else note
         ctx.layout = ctx.layout.replace(num_burnin_steps=burnin)
         del attempt.estimates[i]
         res = _estimate(ctx, attempt, i)
@@ -509,7 +510,8 @@ def _search_lr(ctx: _Context, attempt: _Attempt, rel_tol: float, z: float, max_e
     n = len(attempt.lrs)
     i = _first_to_estimate(attempt)
     while i < n and attempt.runs < max_estimates:
-        res = _estimate(ctx, attempt, i)
+        _estimate(ctx, attempt, i)
+        res = _extend_burnin(ctx, attempt, i, max_estimates)
         if res.flags:
             reasons[i] = "flags: " + ", ".join(res.flags)
             if not set(res.flags) & _STEP_FLAGS:
@@ -576,7 +578,7 @@ def calibrate_llc(
     num_steps_bw_draws: int | None = None,
     settings: SGLDSettings | None = None,
     restrict: Restriction = None,
-    rel_tol: float = 0.1,
+    rel_tol: float = 0.05,
     z: float = 2.0,
     num_lrs: int = 10,
     probe_steps: int = 50,
@@ -619,9 +621,9 @@ def calibrate_llc(
             on the plateaus of saddle-to-saddle dynamics), the search is repeated with the
             localization raised by ``LOCALIZATION_BOOST``, at most this many times. The trials of
             every attempt are kept in the evidence.
-        max_burnin_extensions: when the estimate at ``lr/2`` is flagged only for mixing
-            (``drifting`` / ``high_rhat``) its burn-in is doubled and it is run again, at most this
-            many times in all; the recommendation then carries the longer burn-in.
+        max_burnin_extensions: when a trial estimate is flagged only for mixing (``drifting`` /
+            ``high_rhat``) the burn-in is doubled and it is run again, at most this many times in
+            all; the recommendation then carries the longer burn-in.
         seed: every trial uses this seed (common random numbers make the bias check sharper).
         progress: optional ``progress(done, total)`` in trial estimates.
 
@@ -703,6 +705,8 @@ def _decide(
             RuntimeWarning,
             stacklevel=3,
         )
+    if chosen in last.extended:
+        why += f" (burn-in extended after {last.extended[chosen]} burn-in steps)"
     trials: tuple[Trial, ...] = ()
     for attempt in attempts[:-1]:
         trials += attempt.trials(prefix=f"localization {attempt.localization:.4g}: ")
