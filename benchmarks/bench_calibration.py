@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=300)
     parser.add_argument("--chains", type=int, default=4, help="chains of the estimate that follows")
     parser.add_argument("--only", default="", help="run only the cases whose name contains this")
+    parser.add_argument("--rel-tol", type=float, default=None, help="calibrate_llc's rel_tol (default: its own)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", RuntimeWarning)
@@ -58,8 +59,9 @@ def main() -> None:
             if args.only not in name:
                 continue
             t0 = time.perf_counter()
+            extra = {} if args.rel_tol is None else {"rel_tol": args.rel_tol}
             cal = calibrate_llc(model, loss_fn, loader, num_draws=args.draws, num_burnin_steps=args.burnin,
-                                seed=seed)
+                                seed=seed, **extra)
             t1 = time.perf_counter()
             res = estimate_llc(model, loss_fn, loader, num_chains=args.chains, seed=100 + seed, **cal.as_kwargs())
             t2 = time.perf_counter()

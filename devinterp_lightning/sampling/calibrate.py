@@ -578,7 +578,7 @@ def calibrate_llc(
     num_steps_bw_draws: int | None = None,
     settings: SGLDSettings | None = None,
     restrict: Restriction = None,
-    rel_tol: float = 0.05,
+    rel_tol: float = 0.1,
     z: float = 2.0,
     num_lrs: int = 10,
     probe_steps: int = 50,
