@@ -112,7 +112,7 @@ def test_logs_at_scheduled_steps_to_loggers_callback_metrics_and_history():
     last = monitor.history["llc/mean"][-1]
     assert torch.is_tensor(monitor.last_results["llc"].loss_trace)
     assert last.value == monitor.last_results["llc"].mean
-    assert last.stderr == pytest.approx(last.std / math.sqrt(2))
+    assert last.stderr == pytest.approx(monitor.last_results["llc"].stderr)
     assert float(model.trainer.callback_metrics["llc/mean"]) == pytest.approx(last.value)
     assert float(model.trainer.callback_metrics["llc/std"]) == pytest.approx(last.std)
 

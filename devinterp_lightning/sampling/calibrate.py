@@ -13,9 +13,14 @@ The scheme (docs/calibration.md has the reasoning and the validation):
 4. A log-spaced ``lr`` grid from the stability limit down. A cheap vectorized probe on one fixed
    batch runs an SGLD trajectory per grid value and scores it with the Metropolis-adjusted
    (MALA) acceptance probability of each of its steps; values with low acceptance are skipped.
-5. From the largest surviving ``lr`` down, full short estimates are run; an ``lr`` is chosen when
-   its estimate is healthy (no flag of :func:`~devinterp_lightning.sampling.result.health_flags`)
-   and agrees with the estimate at ``lr / 2`` (the bias check).
+5. From the largest surviving ``lr`` down, full short estimates are run. When the estimate at
+   ``lr`` is healthy (no flag of :func:`~devinterp_lightning.sampling.result.health_flags`) and
+   agrees with the healthy estimate at ``lr / 2`` (the bias check), ``lr / 2`` is chosen: the SGLD
+   bias grows about linearly in ``lr``, so the gap between the two measures the bias left at
+   ``lr / 2``, and the check bounds it; ``lr`` itself would carry about twice that bias.
+6. When the localization was automatic and the chains slid off ``w*`` (a saddle), steps 3-5 are
+   repeated with the localization raised by ``LOCALIZATION_BOOST`` (a loop, at most
+   ``max_localization_boosts`` times).
 
 Everything here is pure torch: the model is never modified.
 """
@@ -27,7 +32,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +47,7 @@ from devinterp_lightning.sampling.batches import (
 )
 from devinterp_lightning.sampling.estimator import default_nbeta, estimate_llc
 from devinterp_lightning.sampling.result import LLCResult
+from devinterp_lightning.sampling.settings import SGLDSettings
 from devinterp_lightning.sampling.sgld import LossModule
 from devinterp_lightning.sampling.snapshot import (
     cuda_devices,
@@ -71,6 +77,8 @@ _NOT_A_MINIMUM_FLAGS = frozenset({"negative", "below_init"})
 LOCALIZATION_BOOST = 10.0
 #: Consecutive grid values differ by this factor (the bias check compares lr with lr / LR_FACTOR).
 LR_FACTOR = 2.0
+#: The trial layout when neither keywords nor ``settings=`` give one.
+DEFAULT_LAYOUT: dict[str, int] = {"num_chains": 4, "num_draws": 200, "num_burnin_steps": 100, "num_steps_bw_draws": 1}
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 Restriction = str | Sequence[str] | Mapping[str, Tensor] | None
@@ -86,8 +94,8 @@ class Trial:
         distance: RMS distance from ``w*`` per moving entry at the end of the probe trajectory,
             relative to the localization's own scale ``1/sqrt(localization)`` (~1 when local).
         estimate: the short LLC estimate at this lr, or None when the probe already rejected it.
-        rejected: why this lr was not chosen ("" for the chosen one, "not reached" when a larger
-            lr was chosen first).
+        rejected: why this lr was not chosen ("" for the chosen one, "not reached" when the search
+            stopped before it).
     """
 
     lr: float
@@ -119,9 +127,12 @@ class CalibrationResult:
     Attributes:
         lr, localization, nbeta: the recommendation.
         num_draws, num_burnin_steps, num_steps_bw_draws: the chain layout the recommendation was
-            checked with (the caller's target layout).
-        ok: True when an lr passed every check; False means the fallback (the healthiest trial)
-            was returned and a warning was issued, with the reason in ``reason``.
+            checked with: the caller's, with the burn-in doubled where the smaller step needed it
+            to level off (``max_burnin_extensions``).
+        ok: True when an lr passed every check: it is healthy and its estimate agrees with the one
+            at twice its lr (or, where its half cannot mix within the burn-in, its MALA acceptance
+            is at least ``ACCEPTANCE_WITHOUT_BIAS_CHECK``). False means the fallback (the
+            healthiest trial) was returned and a warning was issued, with the reason in ``reason``.
         reason: one line saying why this lr was chosen.
         curvature: top eigenvalue of the Hessian of the batch loss at w* (power iteration).
         trials: every lr considered, largest first, with its measurements and rejection reason.
@@ -154,6 +165,11 @@ class CalibrationResult:
             "num_burnin_steps": self.num_burnin_steps,
             "num_steps_bw_draws": self.num_steps_bw_draws,
         }
+
+    def settings(self, num_chains: int | None = None) -> SGLDSettings:
+        """The recommendation as :class:`SGLDSettings` (``num_chains`` default: the settings' default)."""
+        extra = {} if num_chains is None else {"num_chains": num_chains}
+        return SGLDSettings(**self.as_kwargs(), **extra)
 
     def hparams(self, prefix: str = "llc/calibrated") -> dict[str, float | int | bool]:
         """Flat scalars for ``logger.log_hyperparams``: the settings and the headline evidence."""
@@ -322,7 +338,8 @@ def _agree(big: LLCResult, small: LLCResult, rel_tol: float, z: float) -> tuple[
     Both estimates use the same seed, so chain c of one and chain c of the other share batches and
     noise draws: the standard error of the difference is taken from the paired per-chain
     differences (never below the unpaired one's half, so two lucky chains cannot make it vanish).
-    The SGLD bias grows about linearly in lr, so the gap estimates the bias left at lr/2.
+    The SGLD bias grows about linearly in lr, ``b(lr) ~ c lr``, so the gap ``b(lr) - b(lr/2)``
+    estimates the bias ``b(lr/2)`` left at the smaller step: that is the step to return.
     """
     gap = abs(big.mean - small.mean)
     both = ~(big.diverged | small.diverged)
@@ -335,6 +352,218 @@ def _agree(big: LLCResult, small: LLCResult, rel_tol: float, z: float) -> tuple[
     return gap <= allowed, verdict
 
 
+@dataclass
+class _Context:
+    """What every step of one calibration shares: the problem, the probe and the target layout."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    loader: Iterable[Any]
+    restrict: Restriction
+    layout: SGLDSettings
+    seed: int
+    device: torch.device | str | None
+    dtype: torch.dtype | None
+    progress: Callable[[int, int], None] | None
+    probe: _Probe
+    generator: torch.Generator
+    #: how many more times the burn-in may be doubled
+    burnin_extensions: int = 0
+
+
+@dataclass
+class _Attempt:
+    """The lr search at one localization: the grid, the screen and the trial estimates."""
+
+    localization: float
+    lrs: list[float]
+    acceptance: Tensor
+    distance: Tensor
+    estimates: dict[int, LLCResult] = field(default_factory=dict)
+    reasons: dict[int, str] = field(default_factory=dict)
+    chosen: int | None = None
+    why: str = ""
+    #: trial estimates run and their chain-steps (re-runs with a longer burn-in included)
+    runs: int = 0
+    steps: int = 0
+    #: lr index -> why its burn-in was extended
+    extended: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def slid_off(self) -> bool:
+        """True when some trial says w* is not a minimum of the sampled loss (a slope or a saddle)."""
+        return any(set(r.flags) & _NOT_A_MINIMUM_FLAGS for r in self.estimates.values())
+
+    def trials(self, prefix: str = "", chosen: int | None = None) -> tuple[Trial, ...]:
+        out = []
+        for k, lr in enumerate(self.lrs):
+            reason = "" if k == chosen else prefix + self.reasons.get(k, "not reached")
+            if k in self.extended and k != chosen:
+                reason += f"; burn-in extended after {self.extended[k]} burn-in steps"
+            out.append(Trial(lr, float(self.acceptance[k]), float(self.distance[k]), self.estimates.get(k), reason))
+        return tuple(out)
+
+
+def _prepare(
+    model: nn.Module, loss_fn: LossFn, loader: Iterable[Any], nbeta: float | None, restrict: Restriction,
+    seed: int, device: torch.device | str | None, dtype: torch.dtype | None,
+) -> tuple[_Probe, float, torch.Generator]:
+    """Snapshot w*, resolve the restriction, take four fixed batches and settle nbeta."""
+    named = dict(model.named_parameters())
+    if not named:
+        raise ValueError("the model has no parameters to sample")
+    dev = torch.device(device) if device is not None else next(iter(named.values())).device
+    generator = torch.Generator(device=dev)
+    generator.manual_seed(seed)
+    snapshot = take_snapshot(model, dev, dtype)
+    anchor, buffers = snapshot.params, snapshot.buffers
+    # the same validation (and error messages) as the estimates that follow
+    masks = {n: m.to(dev, anchor[n].dtype) for n, m in resolve_restriction(restrict, anchor, "restrict").items()}
+    batches = []
+    with forked_global_rng(loader, seed, cuda_devices(dev)):
+        for batch in iterate_once(loader, torch.Generator().manual_seed(seed)):
+            batches.append(to_device(batch, dev, dtype))
+            if len(batches) == 4:
+                break
+    if not batches:
+        raise ValueError("the loader yielded no batches; pass a loader with at least one batch")
+    if nbeta is None:
+        size = batch_size_of(loader, batches[0])
+        if size is None:
+            raise ValueError("cannot infer the batch size for the default nbeta; pass nbeta= explicitly")
+        nbeta = default_nbeta(size)
+    return _Probe(model, loss_fn, masks, anchor, buffers, batches), float(nbeta), generator
+
+
+def _choose_localization(curvature: float, nbeta: float) -> float:
+    """``LOCALIZATION_FRACTION * nbeta * h``: a pull to w* far weaker than the stiffest direction."""
+    localization = LOCALIZATION_FRACTION * nbeta * curvature
+    if not localization > 0:
+        raise ValueError(
+            "the loss has no curvature at these weights (top Hessian eigenvalue "
+            f"{curvature:.3g}), so the localization cannot be set from it; pass localization="
+        )
+    return localization
+
+
+def _candidate_lrs(stiffness: float, lrs: Sequence[float] | None, num_lrs: int) -> list[float]:
+    """The caller's ``lrs``, else ``num_lrs`` values halving down from the stability limit ``2 / stiffness``."""
+    if lrs is None:
+        top = 2.0 / stiffness
+        lrs = [top / LR_FACTOR**k for k in range(num_lrs)]
+    return sorted((float(x) for x in lrs), reverse=True)
+
+
+def _first_to_estimate(attempt: _Attempt) -> int:
+    """The largest lr the MALA screen lets through; the rejected ones get their reason."""
+    acceptance = attempt.acceptance
+    first = next((i for i in range(len(attempt.lrs)) if float(acceptance[i]) >= MIN_ACCEPTANCE), None)
+    if first is None:
+        # no lr is clean on the probe (high-dimensional models accept less at any lr): start
+        # the estimates at the best-accepted one and let the flags and the bias check decide
+        return int(torch.argmax(torch.nan_to_num(acceptance, nan=-1.0)))
+    for i in range(first):
+        attempt.reasons[i] = f"MALA acceptance {float(acceptance[i]):.2f} < {MIN_ACCEPTANCE}: step too large"
+    return first
+
+
+def _estimate(ctx: _Context, attempt: _Attempt, i: int) -> LLCResult:
+    """The trial estimate at ``attempt.lrs[i]`` with the current layout (every trial shares the seed)."""
+    if i not in attempt.estimates:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # divergence is evidence here, not news
+            attempt.estimates[i] = estimate_llc(
+                ctx.model, ctx.loss_fn, ctx.loader,
+                settings=ctx.layout.replace(lr=attempt.lrs[i], localization=attempt.localization),
+                restrict=ctx.restrict, seed=ctx.seed, device=ctx.device, dtype=ctx.dtype, progress=ctx.progress,
+            )
+        attempt.runs += 1
+        attempt.steps += ctx.layout.total_steps
+    return attempt.estimates[i]
+
+
+def _extend_burnin(ctx: _Context, attempt: _Attempt, i: int, max_estimates: int) -> LLCResult:
+    """Re-run the trial at ``lrs[i]`` with the burn-in doubled while it only lacks mixing (at most
+    ``ctx.burnin_extensions`` times in all): a step half as large needs twice the steps to level
+    off, and the bias check needs both estimates levelled off. Later trials keep the longer burn-in."""
+    res = attempt.estimates[i]
+    while (res.flags and set(res.flags) <= _MIXING_FLAGS and ctx.burnin_extensions > 0
+           and attempt.runs < max_estimates):
+        ctx.burnin_extensions -= 1
+        burnin = max(2 * ctx.layout.num_burnin_steps, ctx.layout.total_steps)
+        note = f"{', '.join(res.flags)} with {ctx.layout.num_burnin_steps}"
+        attempt.extended[i] = attempt.extended[i] + "; " + note if i in attempt.extended else note
+        ctx.layout = ctx.layout.replace(num_burnin_steps=burnin)
+        del attempt.estimates[i]
+        res = _estimate(ctx, attempt, i)
+    return res
+
+
+def _search_lr(ctx: _Context, attempt: _Attempt, rel_tol: float, z: float, max_estimates: int) -> None:
+    """Walk the grid from the first screened lr down and fill ``attempt.chosen`` / ``.why`` / ``.reasons``.
+
+    At each healthy ``lr`` the estimate at ``lr/2`` is the bias check; when they agree, ``lr/2`` is
+    chosen: the gap estimates the bias left at ``lr/2`` and the tolerance bounds it. The larger
+    step would carry about twice that bias.
+    """
+    reasons = attempt.reasons
+    n = len(attempt.lrs)
+    i = _first_to_estimate(attempt)
+    while i < n and attempt.runs < max_estimates:
+        _estimate(ctx, attempt, i)
+        res = _extend_burnin(ctx, attempt, i, max_estimates)
+        if res.flags:
+            reasons[i] = "flags: " + ", ".join(res.flags)
+            if not set(res.flags) & _STEP_FLAGS:
+                # not mixed: a smaller lr moves even less within the same burn-in; negative or
+                # below the initial loss: w* is not a minimum, and no lr changes that
+                return
+            i += 1
+            continue
+        if i + 1 >= n or attempt.runs >= max_estimates:
+            reasons[i] = f"no lr/{LR_FACTOR:g} left for the bias check"
+            return
+        _estimate(ctx, attempt, i + 1)
+        half = _extend_burnin(ctx, attempt, i + 1, max_estimates)
+        if half.flags:
+            stalled = set(half.flags) <= _MIXING_FLAGS
+            reasons[i + 1] = "flags: " + ", ".join(half.flags)
+            if stalled and float(attempt.acceptance[i]) >= ACCEPTANCE_WITHOUT_BIAS_CHECK:
+                attempt.chosen = i
+                attempt.why = (
+                    f"healthy; lr/{LR_FACTOR:g} does not mix within the burn-in ({', '.join(half.flags)}), "
+                    f"so the bias check is replaced by the MALA acceptance {float(attempt.acceptance[i]):.3f} >= "
+                    f"{ACCEPTANCE_WITHOUT_BIAS_CHECK} (discretization only: minibatch-noise bias unchecked)"
+                )
+                return
+            reasons[i] = f"lr/{LR_FACTOR:g} is flagged ({', '.join(half.flags)}): no bias check possible"
+            if stalled:
+                return  # smaller lrs mix even less
+            i += 2
+            continue
+        agree, verdict = _agree(res, half, rel_tol, z)
+        if agree:
+            attempt.chosen = i + 1
+            attempt.why = (
+                f"healthy and agrees with {LR_FACTOR:g}x its lr, so its bias is at most about the gap: {verdict}"
+            )
+            reasons[i] = f"agrees with lr/{LR_FACTOR:g}, but carries about {LR_FACTOR:g}x its bias"
+            return
+        reasons[i] = f"bias check against lr/{LR_FACTOR:g} failed: {verdict}"
+        i += 1
+
+
+def _fallback(attempt: _Attempt) -> tuple[int, str]:
+    """The healthiest trial (fewest flags, then the smaller lr: less bias) and the reason."""
+    tried = [k for k, r in attempt.estimates.items() if not r.all_diverged]
+    if tried:
+        chosen = min(tried, key=lambda k: (len(attempt.estimates[k].flags), -k))
+    else:
+        chosen = len(attempt.lrs) - 1
+    why = f"no lr passed every check; using the healthiest trial ({attempt.reasons.get(chosen, 'untested')})"
+    return chosen, why
+
+
 def calibrate_llc(
     model: nn.Module,
     loss_fn: LossFn,
@@ -343,10 +572,11 @@ def calibrate_llc(
     nbeta: float | None = None,
     localization: float | None = None,
     lrs: Sequence[float] | None = None,
-    num_chains: int = 4,
-    num_draws: int = 200,
-    num_burnin_steps: int = 100,
-    num_steps_bw_draws: int = 1,
+    num_chains: int | None = None,
+    num_draws: int | None = None,
+    num_burnin_steps: int | None = None,
+    num_steps_bw_draws: int | None = None,
+    settings: SGLDSettings | None = None,
     restrict: Restriction = None,
     rel_tol: float = 0.1,
     z: float = 2.0,
@@ -354,13 +584,17 @@ def calibrate_llc(
     probe_steps: int = 50,
     max_estimates: int = 6,
     max_localization_boosts: int = 2,
+    max_burnin_extensions: int = 2,
     seed: int = 0,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = torch.float32,
     progress: Callable[[int, int], None] | None = None,
-    _auto_localization: bool = False,
 ) -> CalibrationResult:
     """Choose ``lr``, ``localization`` and ``nbeta`` for :func:`estimate_llc` at the model's weights.
+
+    The steps: settle ``nbeta`` and probe the curvature -> choose the localization -> the
+    candidate lrs -> the MALA screen -> trial estimates with the bias check -> decide (or raise the
+    localization and search again when the chains slid off w*).
 
     Args:
         model, loss_fn, loader, restrict, device, dtype: as for :func:`estimate_llc` (the same
@@ -371,9 +605,15 @@ def calibrate_llc(
         lrs: the candidate step sizes (any order; tried largest first). None: ``num_lrs`` values
             spaced by a factor ``LR_FACTOR`` down from the stability limit ``2 / (nbeta h + localization)``.
         num_chains, num_draws, num_burnin_steps, num_steps_bw_draws: the layout of each trial
-            estimate; pass the layout the real estimates will use, so "levels off within the
-            burn-in" is checked for that layout.
-        rel_tol, z: the bias check accepts ``lr`` when ``|llc(lr) - llc(lr/2)| <= z * stderr + rel_tol * |llc(lr/2)|``.
+            estimate (default 4 chains, 200 draws, 100 burn-in steps, 1 step between draws); pass
+            the layout the real estimates will use, so "levels off within the burn-in" is checked
+            for that layout.
+        settings: an :class:`SGLDSettings` giving the layout, ``nbeta`` and a fixed
+            ``localization`` in one object (its ``lr`` is what is calibrated, so it is ignored);
+            keyword arguments that are not None override its fields.
+        rel_tol, z: the bias check compares ``lr`` with ``lr/2``: they agree when
+            ``|llc(lr) - llc(lr/2)| <= z * stderr + rel_tol * |llc(lr/2)|``, and then ``lr/2`` is
+            chosen (its bias is about the gap).
         probe_steps: length of the MALA-acceptance probe trajectory (one fixed batch).
         max_estimates: at most this many trial estimates are run (per localization tried).
         max_localization_boosts: when the localization was chosen automatically and no lr passed
@@ -381,6 +621,9 @@ def calibrate_llc(
             on the plateaus of saddle-to-saddle dynamics), the search is repeated with the
             localization raised by ``LOCALIZATION_BOOST``, at most this many times. The trials of
             every attempt are kept in the evidence.
+        max_burnin_extensions: when a trial estimate is flagged only for mixing (``drifting`` /
+            ``high_rhat``) the burn-in is doubled and it is run again, at most this many times in
+            all; the recommendation then carries the longer burn-in.
         seed: every trial uses this seed (common random numbers make the bias check sharper).
         progress: optional ``progress(done, total)`` in trial estimates.
 
@@ -388,176 +631,94 @@ def calibrate_llc(
         A :class:`CalibrationResult`; ``res.as_kwargs()`` goes straight into ``estimate_llc``.
     """
     start = time.perf_counter()
-    lrs_given = lrs
-    if num_chains < 2:
-        raise ValueError(f"calibration needs num_chains >= 2 to judge chain agreement; got {num_chains}")
+    layout = _layout(settings, nbeta, localization, num_chains, num_draws, num_burnin_steps, num_steps_bw_draws)
+    fixed_localization = layout.localization if (localization is not None or settings is not None) else None
+    if layout.num_chains < 2:
+        raise ValueError(f"calibration needs num_chains >= 2 to judge chain agreement; got {layout.num_chains}")
     if not 0 < rel_tol < 1:
         raise ValueError(f"rel_tol must be in (0, 1), e.g. 0.1; got {rel_tol}")
     if lrs is not None and (not lrs or any(not (x > 0 and math.isfinite(x)) for x in lrs)):
         raise ValueError(f"lrs must be a non-empty list of positive step sizes; got {lrs!r}")
+    if max_burnin_extensions < 0 or max_localization_boosts < 0:
+        raise ValueError("max_burnin_extensions and max_localization_boosts must be >= 0")
+
+    with preserved_modes(model, eval_mode=True):
+        probe, nbeta, generator = _prepare(model, loss_fn, loader, layout.nbeta, restrict, seed, device, dtype)
+        curvature = probe.top_eigenvalue(20, generator)
+        ctx = _Context(model, loss_fn, loader, restrict, layout.replace(nbeta=nbeta), seed, device, dtype,
+                       progress, probe, generator, burnin_extensions=max_burnin_extensions)
+        loc = fixed_localization if fixed_localization is not None else _choose_localization(curvature, nbeta)
+        attempts: list[_Attempt] = []
+        for boost in range(max_localization_boosts + 1):
+            attempt = _screened_attempt(ctx, loc, curvature, lrs, num_lrs, probe_steps)
+            attempts.append(attempt)
+            _search_lr(ctx, attempt, rel_tol, z, max_estimates)
+            if attempt.chosen is not None or fixed_localization is not None or not attempt.slid_off:
+                break
+            if boost < max_localization_boosts:
+                # w* is not a minimum along some direction: a stronger localization holds the chains
+                # at w*, which is what a local coefficient at a saddle or on a slope can measure
+                loc *= LOCALIZATION_BOOST
+    return _decide(ctx, attempts, curvature, probe_steps, start)
+
+
+def _layout(
+    settings: SGLDSettings | None, nbeta: float | None, localization: float | None, num_chains: int | None,
+    num_draws: int | None, num_burnin_steps: int | None, num_steps_bw_draws: int | None,
+) -> SGLDSettings:
+    """The trial layout as SGLDSettings (lr is a placeholder; localization 0 stands for automatic)."""
     if localization is not None and localization < 0:
         raise ValueError(f"localization must be >= 0; got {localization}")
+    if settings is None:
+        settings = SGLDSettings(lr=1.0, localization=0.0, **DEFAULT_LAYOUT)
+    return SGLDSettings.from_kwargs(
+        settings, localization=localization, nbeta=nbeta, num_chains=num_chains, num_draws=num_draws,
+        num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws,
+    )
 
-    named = dict(model.named_parameters())
-    if not named:
-        raise ValueError("the model has no parameters to sample")
-    dev = torch.device(device) if device is not None else next(iter(named.values())).device
-    generator = torch.Generator(device=dev)
-    generator.manual_seed(seed)
-    with preserved_modes(model, eval_mode=True):
-        snapshot = take_snapshot(model, dev, dtype)
-        anchor, buffers = snapshot.params, snapshot.buffers
-        # the same validation (and error messages) as the estimates that follow
-        masks = {n: m.to(dev, anchor[n].dtype) for n, m in resolve_restriction(restrict, anchor, "restrict").items()}
-        batches = []
-        with forked_global_rng(loader, seed, cuda_devices(dev)):
-            for batch in iterate_once(loader, torch.Generator().manual_seed(seed)):
-                batches.append(to_device(batch, dev, dtype))
-                if len(batches) == 4:
-                    break
-        if not batches:
-            raise ValueError("the loader yielded no batches; pass a loader with at least one batch")
-        if nbeta is None:
-            size = batch_size_of(loader, batches[0])
-            if size is None:
-                raise ValueError("cannot infer the batch size for the default nbeta; pass nbeta= explicitly")
-            nbeta = default_nbeta(size)
-        probe = _Probe(model, loss_fn, masks, anchor, buffers, batches)
-        curvature = probe.top_eigenvalue(20, generator)
-        if localization is None:
-            _auto_localization = True
-            localization = LOCALIZATION_FRACTION * nbeta * curvature
-            if not localization > 0:
-                raise ValueError(
-                    "the loss has no curvature at these weights (top Hessian eigenvalue "
-                    f"{curvature:.3g}), so the localization cannot be set from it; pass localization="
-                )
-        stiff = nbeta * curvature + localization
-        if lrs is None:
-            top = 2.0 / stiff
-            lrs = [top / LR_FACTOR**k for k in range(num_lrs)]
-        lrs = sorted((float(x) for x in lrs), reverse=True)
-        acceptance, distance = probe.mala(lrs, nbeta, localization, probe_steps, generator)
 
-    trials: list[Trial] = []
-    estimates: dict[int, LLCResult] = {}
-    steps_per_estimate = num_burnin_steps + (num_draws - 1) * num_steps_bw_draws + 1
-    spent = probe_steps * len(lrs) // max(num_chains, 1) + 60  # probe lanes and HVPs, in chain-steps
+def _screened_attempt(
+    ctx: _Context, localization: float, curvature: float, lrs: Sequence[float] | None, num_lrs: int,
+    probe_steps: int,
+) -> _Attempt:
+    """The candidate lrs at this localization and their MALA screen."""
+    nbeta = float(ctx.layout.nbeta)
+    grid = _candidate_lrs(nbeta * curvature + localization, lrs, num_lrs)
+    acceptance, distance = ctx.probe.mala(grid, nbeta, localization, probe_steps, ctx.generator)
+    return _Attempt(localization, grid, acceptance, distance)
 
-    def run(i: int) -> LLCResult:
-        if i not in estimates:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # divergence is evidence here, not news
-                estimates[i] = estimate_llc(
-                    model, loss_fn, loader, lr=lrs[i], localization=localization, nbeta=nbeta,
-                    num_chains=num_chains, num_draws=num_draws, num_burnin_steps=num_burnin_steps,
-                    num_steps_bw_draws=num_steps_bw_draws, restrict=restrict, seed=seed, device=device,
-                    dtype=dtype, progress=progress,
-                )
-        return estimates[i]
 
-    reasons: dict[int, str] = {}
-    first = next((i for i in range(len(lrs)) if float(acceptance[i]) >= MIN_ACCEPTANCE), None)
-    if first is None:
-        # no lr is clean on the probe (high-dimensional models accept less at any lr): start
-        # the estimates at the best-accepted one and let the flags and the bias check decide
-        first = int(torch.argmax(torch.nan_to_num(acceptance, nan=-1.0)))
-    for i in range(first):
-        reasons[i] = f"MALA acceptance {float(acceptance[i]):.2f} < {MIN_ACCEPTANCE}: step too large"
-    chosen: int | None = None
-    why = ""
-    i = first
-    while i < len(lrs) and len(estimates) < max_estimates:
-        res = run(i)
-        if res.flags:
-            reasons[i] = "flags: " + ", ".join(res.flags)
-            if not set(res.flags) & _STEP_FLAGS:
-                # not mixed: a smaller lr moves even less within the same burn-in; negative or
-                # below the initial loss: w* is not a minimum, and no lr changes that
-                break
-            i += 1
-            continue
-        if i + 1 >= len(lrs) or len(estimates) >= max_estimates:
-            reasons[i] = "no smaller lr left for the bias check"
-            break
-        half = run(i + 1)
-        if half.flags:
-            stalled = set(half.flags) <= _MIXING_FLAGS
-            if stalled and float(acceptance[i]) >= ACCEPTANCE_WITHOUT_BIAS_CHECK:
-                chosen = i
-                why = (
-                    f"healthy; lr/{LR_FACTOR:g} does not mix within the burn-in ({', '.join(half.flags)}), "
-                    f"so the bias check is replaced by the MALA acceptance {float(acceptance[i]):.3f} >= "
-                    f"{ACCEPTANCE_WITHOUT_BIAS_CHECK}"
-                )
-                reasons[i + 1] = "flags: " + ", ".join(half.flags)
-                break
-            reasons[i] = f"lr/{LR_FACTOR:g} is flagged ({', '.join(half.flags)}): no bias check possible"
-            reasons[i + 1] = "flags: " + ", ".join(half.flags)
-            if stalled:
-                break  # smaller lrs mix even less
-            i += 2
-            continue
-        ok, verdict = _agree(res, half, rel_tol, z)
-        if ok:
-            # the largest lr that agrees with its half: halving the step no longer moves the
-            # estimate beyond the tolerance, and the larger step mixes faster within the burn-in
-            chosen, why = i, f"healthy and agrees with lr/{LR_FACTOR:g}: {verdict}"
-            reasons[i + 1] = f"agrees with {LR_FACTOR:g}x its lr, which mixes faster"
-            break
-        reasons[i] = f"bias check against lr/{LR_FACTOR:g} failed: {verdict}"
-        i += 1
-
-    ok = chosen is not None
-    slid_off = any(set(r.flags) & _NOT_A_MINIMUM_FLAGS for r in estimates.values())
-    if not ok and _auto_localization and max_localization_boosts > 0 and slid_off:
-        # w* is not a minimum along some direction: a stronger localization holds the chains at
-        # w*, which is what a local coefficient at a saddle or on a slope can measure
-        boosted = calibrate_llc(
-            model, loss_fn, loader, nbeta=nbeta, localization=localization * LOCALIZATION_BOOST,
-            lrs=lrs_given, num_chains=num_chains, num_draws=num_draws,
-            num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws, restrict=restrict,
-            rel_tol=rel_tol, z=z, num_lrs=num_lrs, probe_steps=probe_steps, max_estimates=max_estimates,
-            max_localization_boosts=max_localization_boosts - 1, seed=seed, device=device, dtype=dtype,
-            progress=progress, _auto_localization=True,
-        )
-        earlier = tuple(
-            Trial(lrs[k], float(acceptance[k]), float(distance[k]), estimates.get(k),
-                  f"localization {localization:.4g}: " + reasons.get(k, "not reached"))
-            for k in range(len(lrs))
-        )
-        spent += steps_per_estimate * len(estimates)
-        return replace(
-            boosted, trials=earlier + boosted.trials, num_steps=boosted.num_steps + spent,
-            seconds=time.perf_counter() - start,
-        )
-    if chosen is None:
-        # fallback: the healthiest estimate (fewest flags, then the smaller lr: less bias)
-        tried = [k for k, r in estimates.items() if not r.all_diverged]
-        if tried:
-            chosen = min(tried, key=lambda k: (len(estimates[k].flags), -k))
-        else:
-            chosen = len(lrs) - 1
-        why = f"no lr passed every check; using the healthiest trial ({reasons.get(chosen, 'untested')})"
+def _decide(
+    ctx: _Context, attempts: list[_Attempt], curvature: float, probe_steps: int, start: float
+) -> CalibrationResult:
+    """The chosen lr of the last attempt (or its fallback, with a warning) and all the evidence."""
+    last = attempts[-1]
+    ok = last.chosen is not None
+    if ok:
+        chosen, why = last.chosen, last.why
+    else:
+        chosen, why = _fallback(last)
         warnings.warn(
             f"calibrate_llc: {why}. The estimate may be biased: inspect CalibrationResult.summary(), "
             "pass a wider `lrs` grid, more num_burnin_steps, or set lr/localization by hand "
             "(see docs/calibration.md).",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    for k in range(len(lrs)):
-        if k == chosen:
-            reason = ""
-        else:
-            reason = reasons.get(k, "not reached")
-        trials.append(Trial(lrs[k], float(acceptance[k]), float(distance[k]), estimates.get(k), reason))
-    spent += steps_per_estimate * len(estimates)
+    if chosen in last.extended:
+        why += f" (burn-in extended after {last.extended[chosen]} burn-in steps)"
+    trials: tuple[Trial, ...] = ()
+    for attempt in attempts[:-1]:
+        trials += attempt.trials(prefix=f"localization {attempt.localization:.4g}: ")
+    trials += last.trials(chosen=chosen)
+    layout = ctx.layout
+    # chain-steps spent: the probe lanes and HVPs, then every trial estimate
+    spent = sum(probe_steps * len(a.lrs) // layout.num_chains + 60 + a.steps for a in attempts)
     result = CalibrationResult(
-        lr=lrs[chosen], localization=float(localization), nbeta=float(nbeta), num_draws=num_draws,
-        num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws, ok=ok, reason=why,
-        curvature=curvature, trials=tuple(trials), estimate=estimates.get(chosen), num_steps=spent,
-        seconds=time.perf_counter() - start,
+        lr=last.lrs[chosen], localization=float(last.localization), nbeta=float(layout.nbeta),
+        num_draws=layout.num_draws, num_burnin_steps=layout.num_burnin_steps,
+        num_steps_bw_draws=layout.num_steps_bw_draws, ok=ok, reason=why, curvature=curvature, trials=trials,
+        estimate=last.estimates.get(chosen), num_steps=spent, seconds=time.perf_counter() - start,
     )
     logger.info("%s", result.summary())
     return result

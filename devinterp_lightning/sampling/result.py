@@ -14,7 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-#: R-hat above this means the chains have not mixed into one distribution.
+#: Rank-normalised split R-hat above this means the chains have not mixed into one distribution.
+#: Vehtari et al. (2021) recommend 1.01, which needs thousands of effective draws: at the usual
+#: 4 chains x 200 draws healthy SGLD chains have a bulk ESS near 100 and a median R-hat of 1.02-1.03,
+#: with a 99th percentile of 1.10 (docs/calibration.md), so 1.01 would flag nearly every estimate.
 RHAT_LIMIT = 1.1
 #: More than this fraction of draws below the initial loss: w* is not a local minimum.
 BELOW_INIT_LIMIT = 0.5
@@ -33,7 +36,8 @@ class LLCResult:
     Attributes:
         mean: mean of ``per_chain`` over the chains that did not diverge (nan if none survive).
         std: standard deviation (ddof=1) of ``per_chain`` over surviving chains; 0 for one chain.
-        stderr: ``std / sqrt(number of surviving chains)``: the standard error of ``mean``.
+        stderr: Monte-Carlo standard error of ``mean``: ``sd(all draws) / sqrt(ESS_mean)``
+            (:func:`mean_stderr`); measured coverage in docs/calibration.md.
         per_chain: tensor ``[num_chains]``; nan for diverged chains.
         loss_trace: tensor ``[num_chains, num_draws]`` of batch losses at the draws.
         init_loss: L(w*): mean of ``init_loss_trace`` over surviving chains, i.e. the loss at the
@@ -41,8 +45,10 @@ class LLCResult:
         init_loss_trace: tensor ``[num_chains, num_draws]``.
         nbeta, lr, localization: the sampler settings used.
         diverged: bool tensor ``[num_chains]``; True for chains excluded from the estimate.
-        rhat: split R-hat of the per-draw LLC values across surviving chains (nan if < 2 draws).
-        ess: bulk effective sample size of the per-draw LLC values, summed over chains.
+        rhat: rank-normalised split R-hat (:func:`split_rhat`, Vehtari et al. 2021) of the per-draw
+            LLC values of the surviving chains (nan if < 4 draws).
+        ess: multi-chain bulk effective sample size (:func:`effective_sample_size`, Vehtari et al.
+            2021) of the per-draw LLC values of the surviving chains: chains that disagree lower it.
         frac_below_init: fraction of surviving draws whose loss is below the paired init loss.
         drift_z: z-score of (mean of last quarter - mean of the quarter before) of the chain-averaged
             per-draw LLC; large values mean the chains had not levelled off.
@@ -109,61 +115,167 @@ class LLCResult:
         }
 
 
-def split_rhat(draws: Tensor) -> float:
-    """Split R-hat (Gelman et al., BDA3 eq. 11.4) of ``draws[chain, draw]``.
+def split_chains(draws: Tensor) -> Tensor:
+    """``draws[chain, draw]`` with every chain cut into its first and last ``num_draws // 2`` draws.
 
-    Each chain is cut in two halves so that a drifting chain also inflates R-hat. Returns nan
-    when there are fewer than 4 draws.
+    ``[C, N] -> [2C, N // 2]`` (the middle draw of an odd-length chain is dropped), so that a chain
+    that drifts looks like two chains that disagree (Vehtari et al. 2021, section 4.1).
     """
-    draws = draws.double()
-    num_draws = draws.shape[1]
-    if num_draws < 4 or draws.shape[0] < 1:
-        return float("nan")
-    half = num_draws // 2
-    halves = torch.cat([draws[:, :half], draws[:, num_draws - half :]], dim=0)
-    n = halves.shape[1]
-    chain_means = halves.mean(dim=1)
-    within = halves.var(dim=1, unbiased=True).mean()
-    between = n * chain_means.var(unbiased=True)
-    if within <= 0:
+    half = draws.shape[1] // 2
+    return torch.cat([draws[:, :half], draws[:, draws.shape[1] - half :]], dim=0)
+
+
+def rank_normalize(draws: Tensor) -> Tensor:
+    """Normal scores of the pooled ranks: ``z = Phi^-1((r - 3/8) / (S + 1/4))``.
+
+    ``r`` is the rank of a draw among all ``S`` draws of all chains (ties get their average rank);
+    this is the rank normalisation of Vehtari, Gelman, Simpson, Carpenter & Buerkner (2021),
+    "Rank-normalization, folding, and localization: An improved R-hat for assessing convergence
+    of MCMC", Bayesian Analysis 16(2), eq. 14 (Blom's offset 3/8). It makes R-hat and ESS
+    invariant to monotone transforms and finite for heavy-tailed draws.
+    """
+    flat = draws.reshape(-1).double()
+    size = flat.numel()
+    order = torch.argsort(flat, stable=True)
+    sorted_vals = flat[order]
+    _, counts = torch.unique_consecutive(sorted_vals, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()  # 1-based rank of the last member of each tie group
+    average = ends - (counts.double() - 1) / 2
+    ranks = torch.empty(size, dtype=torch.float64, device=flat.device)
+    ranks[order] = torch.repeat_interleave(average, counts)
+    z = torch.special.ndtri((ranks - 0.375) / (size + 0.25))
+    return z.reshape(draws.shape)
+
+
+def _plain_rhat(draws: Tensor) -> float:
+    """``sqrt(var_plus / W)`` with ``var_plus = (N - 1)/N W + B/N`` (BDA3 eq. 11.3-11.4) over the rows."""
+    n = draws.shape[1]
+    within = draws.var(dim=1, unbiased=True).mean()
+    between = n * draws.mean(dim=1).var(unbiased=True)
+    if not within > 0:
         return float("nan") if between > 0 else 1.0
     var_plus = (n - 1) / n * within + between / n
     return float(torch.sqrt(var_plus / within))
 
 
-def _autocorrelation(x: Tensor) -> Tensor:
-    """Autocorrelation of each row of ``x`` via FFT (lags 0 .. n-1)."""
+def split_rhat(draws: Tensor) -> float:
+    """Rank-normalised split R-hat of ``draws[chain, draw]`` (Vehtari et al. 2021, section 4.2-4.3).
+
+    ``max(R-hat(rank_normalize(split)), R-hat(rank_normalize(|split - median|)))``: the bulk
+    R-hat of the rank-normalised split chains, and the "folded" tail R-hat that catches chains
+    with equal locations but different scales. Vehtari, Gelman, Simpson, Carpenter & Buerkner
+    (2021), "Rank-normalization, folding, and localization: An improved R-hat for assessing
+    convergence of MCMC", Bayesian Analysis 16(2). Returns nan for fewer than 4 draws or 1 chain
+    (with one chain the split halves still compare start and end, so it is computed from 1 chain
+    too when there are >= 4 draws).
+    """
+    draws = draws.double()
+    if draws.shape[1] < 4 or draws.shape[0] < 1:
+        return float("nan")
+    split = split_chains(draws)
+    bulk = _plain_rhat(rank_normalize(split))
+    # the median of an even count is the mean of the two middle values (torch.median takes the lower)
+    flat = split.reshape(-1).sort().values
+    median = (flat[(flat.numel() - 1) // 2] + flat[flat.numel() // 2]) / 2
+    folded = (split - median).abs()
+    tail = _plain_rhat(rank_normalize(folded))
+    return max(bulk, tail)
+
+
+def _autocovariance(x: Tensor) -> Tensor:
+    """Biased autocovariance (divided by ``n``) of each row of ``x`` via FFT, lags 0 .. n-1."""
     n = x.shape[-1]
     centered = x - x.mean(dim=-1, keepdim=True)
     size = 1 << (2 * n - 1).bit_length()
     spectrum = torch.fft.rfft(centered, n=size)
-    acov = torch.fft.irfft(spectrum * spectrum.conj(), n=size)[..., :n]
-    variance = acov[..., :1]
-    return torch.where(variance > 0, acov / variance.clamp_min(1e-300), torch.zeros_like(acov))
+    return torch.fft.irfft(spectrum * spectrum.conj(), n=size)[..., :n] / n
 
 
-def effective_sample_size(draws: Tensor) -> float:
-    """Effective sample size of ``draws[chain, draw]``, summed over chains.
+def _multichain_ess(draws: Tensor) -> float:
+    """Multi-chain ESS ``C N / tau`` of ``draws[chain, draw]`` (Vehtari et al. 2021, section 3.2).
 
-    Per chain, the integrated autocorrelation time ``tau = 1 + 2 sum_k rho_k`` is summed over
-    Geyer's initial positive sequence of pair sums; ESS is ``num_draws / tau``.
+    ``rho_t = 1 - (W - mean_c acov_c(t)) / var_plus`` combines the chains' autocovariances with the
+    between-chain variance in ``var_plus``, so chains that disagree shrink the ESS. ``tau`` is
+    ``-1 + 2 sum rho_t`` over Geyer's initial positive sequence of pair sums, made monotone.
+    """
+    num_chains, n = draws.shape
+    if n < 2 or float(draws.max() - draws.min()) < 1e-15:
+        return float(num_chains * n)  # constant draws: every draw is exactly the mean
+    acov = _autocovariance(draws)
+    mean_acov = acov.mean(dim=0)
+    within = float(mean_acov[0]) * n / (n - 1)
+    var_plus = within * (n - 1) / n
+    if num_chains > 1:
+        var_plus += float(draws.mean(dim=1).var(unbiased=True))
+    rho_all = (1.0 - (within - mean_acov) / var_plus).tolist()
+    rho = [0.0] * n
+    rho[0] = 1.0
+    even, odd = 1.0, rho_all[1]
+    rho[1] = odd
+    t = 1
+    # Geyer's initial positive sequence: keep pairs (rho_{t+1}, rho_{t+2}) while their sum is > 0
+    while t < n - 3 and even + odd > 0:
+        even, odd = rho_all[t + 1], rho_all[t + 2]
+        if even + odd >= 0:
+            rho[t + 1], rho[t + 2] = even, odd
+        t += 2
+    max_t = t - 2
+    if even > 0:  # the first even lag of the dropped pair still carries positive correlation
+        rho[max_t + 1] = even
+    # Geyer's initial monotone sequence: pair sums may not increase
+    t = 1
+    while t <= max_t - 2:
+        if rho[t + 1] + rho[t + 2] > rho[t - 1] + rho[t]:
+            rho[t + 1] = rho[t + 2] = (rho[t - 1] + rho[t]) / 2
+        t += 2
+    tau = -1.0 + 2.0 * sum(rho[: max_t + 1]) + sum(rho[max_t + 1 : max_t + 2])
+    tau = max(tau, 1.0 / math.log10(num_chains * n))
+    return num_chains * n / tau
+
+
+def effective_sample_size(draws: Tensor, method: str = "bulk") -> float:
+    """Multi-chain effective sample size of ``draws[chain, draw]`` (Vehtari et al. 2021).
+
+    - ``"bulk"``: the ESS of the rank-normalised split chains (section 4.3 of Vehtari, Gelman,
+      Simpson, Carpenter & Buerkner (2021), "Rank-normalization, folding, and localization: An
+      improved R-hat for assessing convergence of MCMC", Bayesian Analysis 16(2)): how many
+      independent draws the bulk of the distribution is worth. One chain shifted away from the
+      others makes it small, unlike a sum of per-chain values.
+    - ``"mean"``: the same on the split chains without rank normalisation, the ESS of the mean
+      (``sd / sqrt(ESS)`` is its Monte-Carlo standard error).
+
+    Returns ``num_chains * num_draws`` for fewer than 4 draws (nothing to estimate from).
     """
     draws = draws.double()
     num_chains, num_draws = draws.shape
     if num_draws < 4:
         return float(num_chains * num_draws)
-    rho = _autocorrelation(draws)
-    total = 0.0
-    for c in range(num_chains):
-        pairs = rho[c, : num_draws - num_draws % 2].reshape(-1, 2).sum(dim=1)
-        positive = pairs > 0
-        cut = int(positive.logical_not().nonzero()[0]) if not bool(positive.all()) else pairs.numel()
-        # Geyer's initial monotone sequence: pair sums must not increase.
-        monotone = torch.cummin(pairs[:cut], dim=0).values if cut > 0 else pairs[:0]
-        tau = -1.0 + 2.0 * float(monotone.sum())
-        tau = max(tau, 1.0 / math.log10(max(num_draws, 10)))
-        total += num_draws / tau
-    return float(total)
+    split = split_chains(draws)
+    if method == "bulk":
+        split = rank_normalize(split)
+    elif method != "mean":
+        raise ValueError(f"method must be 'bulk' or 'mean'; got {method!r}")
+    return _multichain_ess(split)
+
+
+def mean_stderr(draws: Tensor) -> float:
+    """Monte-Carlo standard error of the mean of ``draws[chain, draw]``: ``sd / sqrt(ESS_mean)``.
+
+    ``sd`` is the standard deviation of all draws pooled and ``ESS_mean`` the multi-chain ESS of
+    the split chains (:func:`effective_sample_size` with ``method="mean"``; Vehtari et al. 2021),
+    which counts the autocorrelation within chains and the disagreement between them. Unlike
+    ``std(chain means) / sqrt(num_chains)``, it does not rest on a handful of chain means (three
+    degrees of freedom for four chains). With fewer than 4 draws it falls back to that.
+    """
+    draws = draws.double()
+    num_chains, num_draws = draws.shape
+    if num_draws < 4:
+        if num_chains < 2:
+            return float("nan")
+        return float(draws.mean(dim=1).std(unbiased=True) / math.sqrt(num_chains))
+    if draws.numel() < 2:
+        return float("nan")
+    return float(draws.std(unbiased=True)) / math.sqrt(effective_sample_size(draws, "mean"))
 
 
 def _drift_z(per_draw_llc: Tensor) -> float:
@@ -176,8 +288,8 @@ def _drift_z(per_draw_llc: Tensor) -> float:
     late = trace[-quarter:]
     early = trace[-2 * quarter : -quarter]
     # Autocorrelation inflates the naive standard error; use ESS-corrected variances.
-    ess_late = max(effective_sample_size(late[None]), 1.0)
-    ess_early = max(effective_sample_size(early[None]), 1.0)
+    ess_late = max(_multichain_ess(late[None]), 1.0)
+    ess_early = max(_multichain_ess(early[None]), 1.0)
     var = late.var(unbiased=True) / ess_late + early.var(unbiased=True) / ess_early
     if var <= 0:
         return 0.0
@@ -192,20 +304,24 @@ def health_flags(result: LLCResult) -> tuple[str, ...]:
     - ``"negative"``: the LLC is below zero; w* is not a local minimum of the sampled loss.
     - ``"below_init"``: most draws have a lower loss than w*; the snapshot sits on a slope or saddle.
     - ``"drifting"``: the chains have not levelled off by the last draws (burn-in too short, lr too small).
-    - ``"high_rhat"``: split R-hat above 1.1; chains disagree or have not mixed.
+    - ``"high_rhat"``: rank-normalised split R-hat above ``RHAT_LIMIT``; chains disagree or have not mixed.
     """
-    if result.all_diverged:
+    return _flags(result.diverged, result.mean, result.frac_below_init, result.drift_z, result.rhat)
+
+
+def _flags(diverged: Tensor, mean: float, frac_below_init: float, drift_z: float, rhat: float) -> tuple[str, ...]:
+    if bool(diverged.all()):
         return ("all_diverged",)
     flags: list[str] = []
-    if bool(result.diverged.any()):
+    if bool(diverged.any()):
         flags.append("diverged")
-    if result.mean < 0:
+    if mean < 0:
         flags.append("negative")
-    if result.frac_below_init > BELOW_INIT_LIMIT:
+    if frac_below_init > BELOW_INIT_LIMIT:
         flags.append("below_init")
-    if abs(result.drift_z) > DRIFT_Z_LIMIT:
+    if abs(drift_z) > DRIFT_Z_LIMIT:
         flags.append("drifting")
-    if not math.isnan(result.rhat) and result.rhat > RHAT_LIMIT:
+    if not math.isnan(rhat) and rhat > RHAT_LIMIT:
         flags.append("high_rhat")
     return tuple(flags)
 
@@ -266,38 +382,24 @@ def summarize_chains(
             )
     if num_good == 0:
         nan = float("nan")
-        result = LLCResult(
-            mean=nan, std=nan, stderr=nan, per_chain=per_chain.float(), loss_trace=loss_trace.float(),
-            init_loss=nan, init_loss_trace=init_loss_trace.float(), nbeta=float(nbeta), lr=float(lr),
-            localization=float(localization), diverged=bad, rhat=nan, ess=0.0, frac_below_init=nan,
-            drift_z=nan,
+        stats = dict(mean=nan, std=nan, stderr=nan, init_loss=nan, rhat=nan, ess=0.0, frac_below_init=nan,
+                     drift_z=nan)
+    else:
+        good_draws = per_draw[good]
+        good_chains = per_chain[good]
+        std = float(good_chains.std(unbiased=True)) if num_good > 1 else 0.0
+        stats = dict(
+            mean=float(good_chains.mean()),
+            std=std,
+            stderr=mean_stderr(good_draws),
+            init_loss=float(init_loss_trace[good].mean()),
+            rhat=split_rhat(good_draws),
+            ess=effective_sample_size(good_draws),
+            frac_below_init=float((loss_trace[good] < init_loss_trace[good]).double().mean()),
+            drift_z=_drift_z(good_draws),
         )
-        return _with_flags(result)
-    good_draws = per_draw[good]
-    good_chains = per_chain[good]
-    mean = float(good_chains.mean())
-    std = float(good_chains.std(unbiased=True)) if num_good > 1 else 0.0
-    result = LLCResult(
-        mean=mean,
-        std=std,
-        stderr=std / math.sqrt(num_good),
-        per_chain=per_chain.float(),
-        loss_trace=loss_trace.float(),
-        init_loss=float(init_loss_trace[good].mean()),
-        init_loss_trace=init_loss_trace.float(),
-        nbeta=float(nbeta),
-        lr=float(lr),
-        localization=float(localization),
-        diverged=bad,
-        rhat=split_rhat(good_draws),
-        ess=effective_sample_size(good_draws),
-        frac_below_init=float((loss_trace[good] < init_loss_trace[good]).double().mean()),
-        drift_z=_drift_z(good_draws),
+    flags = _flags(bad, stats["mean"], stats["frac_below_init"], stats["drift_z"], stats["rhat"])
+    return LLCResult(
+        per_chain=per_chain.float(), loss_trace=loss_trace.float(), init_loss_trace=init_loss_trace.float(),
+        nbeta=float(nbeta), lr=float(lr), localization=float(localization), diverged=bad, flags=flags, **stats,
     )
-    return _with_flags(result)
-
-
-def _with_flags(result: LLCResult) -> LLCResult:
-    from dataclasses import replace
-
-    return replace(result, flags=health_flags(result))
