@@ -23,6 +23,7 @@ Pipeline (Hoogland et al. 2024, "The developmental landscape of in-context learn
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from typing import Any
@@ -36,8 +37,15 @@ __all__ = [
     "TurningPoint",
     "planar_geometry",
     "smooth_derivatives",
+    "confirmation_lag",
+    "default_forward",
+    "denoised_arclength",
     "find_turning_points",
+    "flatten_outputs",
     "pair_vertices",
+    "trajectory_csv",
+    "turning_points_markdown",
+    "window_half_width",
 ]
 
 
@@ -271,6 +279,13 @@ class IncrementalPCA:
 # --------------------------------------------------------------------------------------------------
 # Planar curve geometry
 # --------------------------------------------------------------------------------------------------
+def window_half_width(sigma: float) -> int:
+    """Half-width, in points, of every window tied to the bandwidth ``sigma``: the support of the
+    local fit, the window over which a net turn is measured (wide enough to contain a smoothed
+    corner) and the levels around a turn. ``max(2, ceil(3 sigma))``; 2 when ``sigma <= 0``."""
+    return max(2, math.ceil(3 * sigma)) if sigma > 0 else 2
+
+
 def smooth_derivatives(y: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gaussian-weighted local quadratic regression of ``y`` (``N`` or ``N x d``) on the index.
 
@@ -286,8 +301,7 @@ def smooth_derivatives(y: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndar
     n = y.shape[0]
     if n < 3:
         raise ValueError(f"need at least 3 points for second derivatives, got {n}")
-    half = max(2, math.ceil(3 * sigma)) if sigma > 0 else 2
-    half = min(half, n - 1)
+    half = min(window_half_width(sigma), n - 1)
     u = np.arange(-half, half + 1, dtype=np.float64)
     w = np.exp(-(u**2) / (2 * sigma**2)) if sigma > 0 else np.ones_like(u)
     idx = np.arange(n)[:, None] + u[None, :].astype(np.int64)  # (N, W)
@@ -344,14 +358,10 @@ def planar_geometry(xy: np.ndarray, sigma: float) -> PlanarGeometry:
     return PlanarGeometry(points=p, velocity=d1, curvature=kappa, evolute=evolute, tangent_angle=theta)
 
 
-def _turn_window(sigma: float) -> int:
-    # Half-width over which the net turn is measured: wide enough to contain a smoothed corner.
-    return max(2, math.ceil(3 * sigma)) if sigma > 0 else 2
-
-
 def confirmation_lag(sigma: float) -> int:
-    """Snapshots needed after a turning point before its window and smoothing support are complete."""
-    return _turn_window(sigma) + (max(2, math.ceil(3 * sigma)) if sigma > 0 else 2)
+    """Snapshots needed after a turning point before its window and smoothing support are complete:
+    the turn window plus the smoothing support, ``2 * window_half_width(sigma)``."""
+    return 2 * window_half_width(sigma)
 
 
 def pair_vertices(
@@ -374,7 +384,7 @@ def pair_vertices(
     xy = np.asarray(xy, dtype=np.float64)
     geo = planar_geometry(xy, sigma)
     n = len(geo.curvature)
-    h = _turn_window(sigma)
+    h = window_half_width(sigma)
     ak = np.abs(geo.curvature)
     res2 = ((xy - geo.points) ** 2).sum(axis=1)
     cands: list[tuple[int, float, float]] = []
@@ -565,3 +575,53 @@ def find_turning_points(
             TurningPoint(index=i, step=int(steps_arr[i]), pairs=tp.pairs, turn=tp.turn, coords=coords)
         )
     return snapshots
+
+
+# --------------------------------------------------------------------------------------------------
+# Snapshots of a model's function, and the text formats the callback logs
+# --------------------------------------------------------------------------------------------------
+def default_forward(model: torch.nn.Module, batch: Any) -> Any:
+    """``model(*batch)`` for a tuple/list, ``model(**batch)`` for a mapping, else ``model(batch)``."""
+    if isinstance(batch, tuple | list):
+        return model(*batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    return model(batch)
+
+
+def flatten_outputs(out: Any) -> torch.Tensor:
+    """Every tensor in a (possibly nested) model output, detached, flattened and concatenated in a
+    fixed order (mapping keys sorted), as one float64 vector."""
+    if isinstance(out, torch.Tensor):
+        return out.detach().reshape(-1).to(torch.float64)
+    if isinstance(out, Mapping):
+        parts = [flatten_outputs(out[k]) for k in sorted(out, key=str)]
+    elif isinstance(out, Sequence) and not isinstance(out, str | bytes):
+        parts = [flatten_outputs(o) for o in out]
+    else:
+        raise TypeError(
+            f"the model returned {type(out).__name__}; EssentialDynamics needs a Tensor (or tuple/dict "
+            "of Tensors). Pass forward_fn=lambda model, batch: ... that returns the outputs to track"
+        )
+    parts = [p for p in parts if p.numel()]
+    if not parts:
+        raise ValueError("the model's output on the probe batch is empty; use a non-empty probe batch")
+    return torch.cat(parts)
+
+
+def turning_points_markdown(confirmed_at: int, points: Sequence[TurningPoint]) -> str:
+    """Markdown table, one row per turning point: confirmation step, turning step, net turn in
+    degrees, component pairs. The report reads the turning step back from the second column."""
+    rows = ["| confirmed at step | turning step | turn (deg) | pairs |", "|---|---|---|---|"]
+    for tp in points:
+        pairs = ", ".join(f"PC{a + 1}/PC{b + 1}" for a, b in tp.pairs)
+        rows.append(f"| {confirmed_at} | {tp.step} | {math.degrees(tp.turn):.0f} | {pairs} |")
+    return "\n".join(rows)
+
+
+def trajectory_csv(steps: Sequence[int], scores: np.ndarray) -> str:
+    """The trajectory as a CSV block (``step,pc1,...``) inside a Markdown code fence, as logged in
+    ``ed/trajectory_final`` and read back by the report."""
+    header = "step," + ",".join(f"pc{i + 1}" for i in range(scores.shape[1]))
+    lines = [f"{s}," + ",".join(f"{v:.6g}" for v in row) for s, row in zip(steps, scores, strict=True)]
+    return "Trajectory on the final PCA basis (CSV):\n\n```\n" + "\n".join([header, *lines]) + "\n```"
