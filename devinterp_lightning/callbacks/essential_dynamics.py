@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from devinterp_lightning import tags
@@ -64,9 +65,11 @@ class EssentialDynamics(Callback):
 
     Turning points (:class:`~devinterp_lightning.stages.trajectory.TrajectoryTurningTracker`) are
     published once through :meth:`published_transitions` (``monitor="ed/trajectory"``,
-    ``kind="turning_point"``) and never retracted. A ``StageDetector`` applies rules to them only when
-    its monitor or a rule names ``"ed/trajectory"``: on random-walk trajectories they fire often (see
-    docs/essential_dynamics.md), so they are hypotheses to check, not alarms.
+    ``kind="turning_point"``) and never retracted. They are hypotheses to check, not alarms: on
+    trajectories with no development at all (autocorrelated noise, random walks) they are published
+    in most series (docs/essential_dynamics.md, "False alarms"). So a ``StageDetector`` applies rules
+    to them only when its monitor or a rule names ``"ed/trajectory"`` (off by default), and a halt or
+    checkpoint rule on them draws a warning at setup.
 
     Sanity checking and ``fast_dev_run`` are skipped (no snapshot, no validation of the schedule).
 
@@ -183,8 +186,18 @@ class EssentialDynamics(Callback):
         return bool(trainer.sanity_checking or trainer.fast_dev_run)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        detectors = [cb for cb in trainer.callbacks if isinstance(cb, StageDetector)]
         if self.stages_from is None:
-            self._stage_source = next((cb for cb in trainer.callbacks if isinstance(cb, StageDetector)), None)
+            self._stage_source = next(iter(detectors), None)
+        acting = [r.name for d in detectors for r in d.rules
+                  if r.monitor == MONITOR and {"halt", "checkpoint"} & set(r.actions)]
+        if acting:
+            rank_zero_warn(
+                f"EssentialDynamics: rule(s) {acting} halt or checkpoint on {MONITOR!r} turning points, which "
+                "are published on most pure-noise trajectories (docs/essential_dynamics.md, 'False alarms'). "
+                "Use actions=['log'] and check a turning point against the LLC before acting on it.",
+                category=UserWarning,
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._should_skip(trainer):
