@@ -16,8 +16,13 @@ tests/test_essential_dynamics.py. A turn is found when a published turning point
 ``tol`` snapshots of it (4 in time, 8 in arc length, whose turns on steady motion sit a few
 snapshots early); other published points are false.
 
-Run:  OMP_NUM_THREADS=1 python benchmarks/bench_ed_turning_points.py --seeds 100 --out ed_tp.json
-(about 15 minutes on one core). ``--quick`` runs 10 seeds.
+Noise is run twice: on the final trajectory only (``feed="final"``, 100 seeds, 100 and 200
+snapshots; cheap) and fed as the callback feeds it (``feed="growing"``, 100 seeds of 100
+snapshots; each series costs ~70 detections).
+
+Run:  OMP_NUM_THREADS=1 python benchmarks/bench_ed_turning_points.py --out ed_tp.json
+(a few minutes of CPU). ``--quick`` runs 10 seeds everywhere; ``--alpha none`` measures the
+detector without its noise tests.
 """
 
 from __future__ import annotations
@@ -81,8 +86,9 @@ def stop_and_go(seed: int, n: int = 200, noise: float = 0.002, width: float = 1.
     return pts, [int(round(c + 3 * width)) for c in centers[:-1]]
 
 
-def published(points: np.ndarray, parameterization: str, **kw: float) -> list[int]:
-    """Snapshot indices of every turning point the callback would publish on this trajectory."""
+def published(points: np.ndarray, parameterization: str, **kw: float | None) -> list[int]:
+    """Snapshot indices of every turning point the callback would publish on this trajectory
+    (fed one snapshot at a time, the whole trajectory on the current basis each time)."""
     pca = IncrementalPCA(rank=RANK, max_snapshots=4000)
     tracker = TrajectoryTurningTracker(parameterization=parameterization, **kw)
     for i, x in enumerate(points):
@@ -91,13 +97,27 @@ def published(points: np.ndarray, parameterization: str, **kw: float) -> list[in
     return [t.changepoint_step for t in tracker.transitions]
 
 
-def noise_row(phi: float, n: int, parameterization: str, seeds: int, **kw: float) -> dict:
-    counts = [len(published(ar1_noise(s, n, phi), parameterization, **kw)) for s in range(seeds)]
-    return {"phi": phi, "n": n, "parameterization": parameterization, "seeds": seeds,
+def final(points: np.ndarray, parameterization: str, **kw: float | None) -> list[int]:
+    """Snapshot indices of the turning points of the whole trajectory on its final basis, found once
+    (what the last image shows; the callback, which looks at every basis on the way, publishes at
+    least about as many)."""
+    pca = IncrementalPCA(rank=RANK, max_snapshots=4000)
+    for i, x in enumerate(points):
+        pca.add(x, i)
+    tracker = TrajectoryTurningTracker(parameterization=parameterization, **kw)
+    tracker.update(pca.steps, pca.components(K)[0])
+    return [t.changepoint_step for t in tracker.transitions]
+
+
+def noise_row(phi: float, n: int, parameterization: str, seeds: int, feed: str = "growing",
+              **kw: float | None) -> dict:
+    run = published if feed == "growing" else final
+    counts = [len(run(ar1_noise(s, n, phi), parameterization, **kw)) for s in range(seeds)]
+    return {"phi": phi, "n": n, "parameterization": parameterization, "seeds": seeds, "feed": feed,
             "series_with_alarm": int(sum(c > 0 for c in counts)), "points": int(sum(counts)), **kw}
 
 
-def recall_row(shape: str, parameterization: str, seeds: int, **kw: float) -> dict:
+def recall_row(shape: str, parameterization: str, seeds: int, **kw: float | None) -> dict:
     make = {"polyline": polyline, "stop_and_go": stop_and_go}[shape]
     tol = 4 if parameterization == "time" else 8
     found = false = total = 0
@@ -113,27 +133,39 @@ def recall_row(shape: str, parameterization: str, seeds: int, **kw: float) -> di
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=100)
-    ap.add_argument("--quick", action="store_true", help="10 seeds")
+    ap.add_argument("--seeds", type=int, default=100, help="noise series per row")
+    ap.add_argument("--growing-seeds", type=int, default=100, help="noise series per row fed as the callback")
+    ap.add_argument("--recall-seeds", type=int, default=30)
+    ap.add_argument("--quick", action="store_true", help="10 seeds everywhere")
+    ap.add_argument("--alpha", default="0.01", help="level of the noise tests, or 'none' (no tests)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
-    ap.add_argument("--min-snr", type=float, default=3.0)
     args = ap.parse_args()
-    seeds = 10 if args.quick else args.seeds
-    kw = {"min_snr": args.min_snr}
+    if args.quick:
+        args.seeds = args.growing_seeds = args.recall_seeds = 10
+    kw = {"alpha": None if args.alpha == "none" else float(args.alpha)}
     rows: list[dict] = []
     t0 = time.perf_counter()
+
+    def show(r: dict) -> None:
+        rows.append(r)
+        if "phi" in r:
+            print(f"noise phi={r['phi']} n={r['n']} {r['parameterization']} {r['feed']}: "
+                  f"{r['series_with_alarm']}/{r['seeds']} series with an alarm, {r['points']} points", end="")
+        else:
+            print(f"{r['shape']} {r['parameterization']}: {r['found']}/{r['turns']} turns within {r['tol']}, "
+                  f"{r['false']} false", end="")
+        print(f"  [{time.perf_counter() - t0:.0f}s]", flush=True)
+
     for param in ("arclength", "time"):
         for phi in (0.0, 0.5, 0.8, 1.0):
             for n in (100, 200):
-                rows.append(noise_row(phi, n, param, seeds, **kw))
-                r = rows[-1]
-                print(f"noise phi={phi} n={n} {param}: {r['series_with_alarm']}/{seeds} series with an alarm, "
-                      f"{r['points']} points  [{time.perf_counter() - t0:.0f}s]", flush=True)
+                show(noise_row(phi, n, param, args.seeds, "final", **kw))
+    for param in ("arclength", "time"):
+        for phi in (0.0, 0.5, 0.8, 1.0):
+            show(noise_row(phi, 100, param, args.growing_seeds, "growing", **kw))
+    for param in ("arclength", "time"):
         for shape in ("polyline", "stop_and_go"):
-            rows.append(recall_row(shape, param, seeds, **kw))
-            r = rows[-1]
-            print(f"{shape} {param}: {r['found']}/{r['turns']} turns within {r['tol']}, {r['false']} false  "
-                  f"[{time.perf_counter() - t0:.0f}s]", flush=True)
+            show(recall_row(shape, param, args.recall_seeds, **kw))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

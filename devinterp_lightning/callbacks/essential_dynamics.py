@@ -85,8 +85,8 @@ class EssentialDynamics(Callback):
             defaults to ``num_components + 5``.
         forward_fn: ``forward_fn(model, batch) -> Tensor | tuple | dict`` of outputs to track;
             default calls the LightningModule as above.
-        smoothing, min_angle_deg, min_pairs, tolerance, parameterization, min_snr: turning-point
-            settings, see :class:`~devinterp_lightning.stages.trajectory.TrajectoryTurningTracker`
+        smoothing, min_angle_deg, min_pairs, tolerance, parameterization, min_snr, alpha: turning-point
+            settings (``alpha``: level of the tests against noise, ``None`` to disable them), see :class:`~devinterp_lightning.stages.trajectory.TrajectoryTurningTracker`
             (``parameterization="time"`` suits steady motion, ``"arclength"`` plateaus joined by fast
             transitions; measured accuracy of both in docs/essential_dynamics.md).
         image_every_n_snapshots: how often to write the PC-plane image to TensorBoard (and at the end
@@ -111,6 +111,7 @@ class EssentialDynamics(Callback):
         parameterization: str = "arclength",
         min_snr: float = 3.0,
         stages_from: StageSource | None = None,
+        alpha: float | None = 0.01,
     ) -> None:
         super().__init__()
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
@@ -133,7 +134,7 @@ class EssentialDynamics(Callback):
         self.stages_from = stages_from
         self.tracker = TrajectoryTurningTracker(
             MONITOR, smoothing=smoothing, min_angle_deg=min_angle_deg, min_pairs=min_pairs, tolerance=tolerance,
-            min_snr=min_snr, parameterization=parameterization,
+            min_snr=min_snr, parameterization=parameterization, alpha=alpha,
         )
         self.pca = IncrementalPCA(rank=rank, max_snapshots=max_snapshots)
         self.history = SeriesStore()

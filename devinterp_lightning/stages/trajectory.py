@@ -83,6 +83,7 @@ class TrajectoryTurningTracker(Tracker):
         tolerance: points within which detections count as the same; default ``max(2, ceil(smoothing))``.
         min_snr: both legs of a turn must be this many times the local noise.
         parameterization: ``"time"`` or ``"arclength"`` (see ``find_turning_points``).
+        alpha: level of the tests against noise (see ``find_turning_points``); ``None`` disables them.
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class TrajectoryTurningTracker(Tracker):
         tolerance: int | None = None,
         min_snr: float = 3.0,
         parameterization: str = "arclength",
+        alpha: float | None = 0.01,
     ) -> None:
         if smoothing < 0:
             raise ValueError(f"smoothing is a bandwidth in snapshots and must be >= 0, got {smoothing}")
@@ -102,6 +104,8 @@ class TrajectoryTurningTracker(Tracker):
             raise ValueError(f"min_angle_deg must be in (0, 360), got {min_angle_deg}")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be 'time' or 'arclength', got {parameterization!r}")
+        if alpha is not None and not 0 < alpha < 1:
+            raise ValueError(f"alpha is the level of the noise tests and must be in (0, 1) or None, got {alpha}")
         if min_pairs < 1:
             raise ValueError(f"min_pairs must be >= 1, got {min_pairs}")
         self.monitor = monitor
@@ -111,6 +115,7 @@ class TrajectoryTurningTracker(Tracker):
         self.tolerance = tolerance
         self.min_snr = float(min_snr)
         self.parameterization = parameterization
+        self.alpha = alpha
         self.turning_points: list[TurningPoint] = []
         self.transitions: list[Transition] = []
         self._frontier_step = -1  # with "time": snapshots at or before this step have been judged
@@ -142,7 +147,7 @@ class TrajectoryTurningTracker(Tracker):
         found = find_turning_points(
             scores, steps, sigma=self.smoothing, min_angle=math.radians(self.min_angle_deg),
             min_pairs=self.min_pairs, tolerance=self.tolerance, min_snr=self.min_snr,
-            parameter=self.parameterization, exclude_last=lag,  # points whose window is incomplete
+            parameter=self.parameterization, alpha=self.alpha, exclude_last=lag,  # points whose window is incomplete
         )
         ready = steps[n - 1 - lag]  # snapshots up to here have their full window
         tol_snap = self.tolerance if self.tolerance is not None else max(2, math.ceil(self.smoothing))
