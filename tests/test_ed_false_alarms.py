@@ -45,6 +45,23 @@ def test_random_walks_still_raise_false_alarms() -> None:
     assert alarms(1.0, "arclength", range(3)) == 3
 
 
+# series of 100 with a turning point on the final basis (100 snapshots, alpha=0.01), measured by
+# benchmarks/bench_ed_turning_points.py: {(parameterization, phi): count}
+FINAL_FEED_ALARMS = {
+    ("arclength", 0.0): 7, ("arclength", 0.5): 9, ("arclength", 0.8): 49, ("arclength", 1.0): 93,
+    ("time", 0.0): 0, ("time", 0.5): 0, ("time", 0.8): 3, ("time", 1.0): 52,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("parameterization", "phi"), list(FINAL_FEED_ALARMS))
+def test_false_alarm_rates_on_100_noise_series(parameterization: str, phi: float) -> None:
+    """The docs' table, row by row (final basis, 100 seeds). The series are fixed by their seeds;
+    +-3 series allows for a borderline case that another BLAS rounds the other way."""
+    rows = bench.noise_row(phi, 100, parameterization, 100, "final", alpha=0.01)
+    assert abs(rows["series_with_alarm"] - FINAL_FEED_ALARMS[parameterization, phi]) <= 3, rows
+
+
 # --------------------------------------------------------------------------------------------------
 # The consequence: off the rules unless a rule or the detector's monitor names "ed/trajectory"
 # --------------------------------------------------------------------------------------------------
