@@ -55,13 +55,14 @@ TRACKER_CASES = [("time", 4, 8, 0, 18), ("arclength", 8, 10, 1, 12)]
 def test_tracker_confirms_each_turn_once(parameterization: str, tol: int, min_found: int, max_false: int,
                                          lag: int) -> None:
     """Fed as the callback feeds it (growing trajectory, basis recomputed each snapshot), on
-    3-segment polylines with noise 0.02. Measured, seeds 0-4 / 0-19:
+    3-segment polylines with noise 0.02. Measured on seeds 0-4:
 
-    * time, +-4 snapshots: 8/10 / 29/40 turns, 0 false. A turn is judged once, when its window
-      completes; the missed ones were judged while the trajectory was still planar (two segments),
-      so the turn showed in one component pair only and ``min_pairs=2`` rejected it.
-    * arclength, +-8 snapshots (its turns sit a few snapshots early on steady motion): 10/10 /
-      40/40 turns, 1 / 2 false; no corner published twice.
+    * time, +-4 snapshots: 8/10 turns, 0 false (seeds 0-29 in the benchmark: 42/60, 0 false). A
+      turn is judged once, when its window completes; the missed ones were judged while the
+      trajectory was still planar (two segments), so the turn showed in one component pair only
+      and ``min_pairs=2`` rejected it.
+    * arclength, +-8 snapshots (its turns sit a few snapshots early on steady motion): 10/10
+      turns, 1 false (seeds 0-29: 59/60, 4 false); no corner published twice.
     """
     found = false = twice = 0
     for seed in range(5):
