@@ -23,8 +23,11 @@ Pipeline (Hoogland et al. 2024, "The developmental landscape of in-context learn
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from itertools import combinations
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -36,8 +39,20 @@ __all__ = [
     "TurningPoint",
     "planar_geometry",
     "smooth_derivatives",
+    "confirmation_lag",
+    "default_forward",
+    "denoised_arclength",
     "find_turning_points",
+    "flatten_outputs",
+    "chi2_quantile",
     "pair_vertices",
+    "persistent_legs",
+    "noise_variance",
+    "residual_variance_factor",
+    "significant_legs",
+    "trajectory_csv",
+    "turning_points_markdown",
+    "window_half_width",
 ]
 
 
@@ -271,6 +286,13 @@ class IncrementalPCA:
 # --------------------------------------------------------------------------------------------------
 # Planar curve geometry
 # --------------------------------------------------------------------------------------------------
+def window_half_width(sigma: float) -> int:
+    """Half-width, in points, of every window tied to the bandwidth ``sigma``: the support of the
+    local fit, the window over which a net turn is measured (wide enough to contain a smoothed
+    corner) and the levels around a turn. ``max(2, ceil(3 sigma))``; 2 when ``sigma <= 0``."""
+    return max(2, math.ceil(3 * sigma)) if sigma > 0 else 2
+
+
 def smooth_derivatives(y: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gaussian-weighted local quadratic regression of ``y`` (``N`` or ``N x d``) on the index.
 
@@ -286,8 +308,7 @@ def smooth_derivatives(y: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndar
     n = y.shape[0]
     if n < 3:
         raise ValueError(f"need at least 3 points for second derivatives, got {n}")
-    half = max(2, math.ceil(3 * sigma)) if sigma > 0 else 2
-    half = min(half, n - 1)
+    half = min(window_half_width(sigma), n - 1)
     u = np.arange(-half, half + 1, dtype=np.float64)
     w = np.exp(-(u**2) / (2 * sigma**2)) if sigma > 0 else np.ones_like(u)
     idx = np.arange(n)[:, None] + u[None, :].astype(np.int64)  # (N, W)
@@ -344,14 +365,10 @@ def planar_geometry(xy: np.ndarray, sigma: float) -> PlanarGeometry:
     return PlanarGeometry(points=p, velocity=d1, curvature=kappa, evolute=evolute, tangent_angle=theta)
 
 
-def _turn_window(sigma: float) -> int:
-    # Half-width over which the net turn is measured: wide enough to contain a smoothed corner.
-    return max(2, math.ceil(3 * sigma)) if sigma > 0 else 2
-
-
 def confirmation_lag(sigma: float) -> int:
-    """Snapshots needed after a turning point before its window and smoothing support are complete."""
-    return _turn_window(sigma) + (max(2, math.ceil(3 * sigma)) if sigma > 0 else 2)
+    """Snapshots needed after a turning point before its window and smoothing support are complete:
+    the turn window plus the smoothing support, ``2 * window_half_width(sigma)``."""
+    return 2 * window_half_width(sigma)
 
 
 def pair_vertices(
@@ -374,7 +391,7 @@ def pair_vertices(
     xy = np.asarray(xy, dtype=np.float64)
     geo = planar_geometry(xy, sigma)
     n = len(geo.curvature)
-    h = _turn_window(sigma)
+    h = window_half_width(sigma)
     ak = np.abs(geo.curvature)
     res2 = ((xy - geo.points) ** 2).sum(axis=1)
     cands: list[tuple[int, float, float]] = []
@@ -435,13 +452,47 @@ class TurningPoint:
         )
 
 
+def chi2_quantile(p: float, k: int) -> float:
+    """Upper quantile ``q`` with ``P(chi^2_k > q) = p``: exact for ``k = 2`` (``-2 ln p``), else the
+    Wilson-Hilferty approximation ``k (1 - 2/(9k) + z sqrt(2/(9k)))^3`` with ``z`` the normal
+    ``1 - p`` quantile (for ``k >= 3`` and ``p >= 1e-6`` at most 8% above the exact value, so on the strict side)."""
+    if not 0 < p < 1:
+        raise ValueError(f"p must be in (0, 1), got {p}")
+    if k == 2:
+        return -2.0 * math.log(p)
+    z = NormalDist().inv_cdf(1.0 - p)
+    c = 2.0 / (9.0 * k)
+    return k * max(1.0 - c + z * math.sqrt(c), 0.0) ** 3
+
+
+@lru_cache(maxsize=16)
+def residual_variance_factor(sigma: float) -> float:
+    """``rho = sum_j (delta_0j - S_0j)^2``: the variance of the residual ``y - y_hat`` of the local
+    quadratic fit at an interior point, per unit variance of i.i.d. noise in ``y`` (``S`` the fit's
+    linear smoother; 0.756 for ``sigma = 3``)."""
+    m = 2 * window_half_width(sigma) + 1
+    row = smooth_derivatives(np.eye(m), sigma)[0][m // 2]  # the smoother's weights at the middle point
+    return float(((np.eye(m)[m // 2] - row) ** 2).sum())
+
+
+def noise_variance(v: float, k: int, sigma: float) -> float:
+    """Per-component variance ``s^2`` of i.i.d. Gaussian noise around a smooth curve in ``R^k``,
+    from ``v``, the median over points of the squared residual of the local fit (see
+    :func:`denoised_arclength`): ``s^2 = v / (rho * m_k)`` with ``rho`` from
+    :func:`residual_variance_factor` and ``m_k`` the median of ``chi^2_k``. Fast moves are a
+    minority of snapshots, so the median ignores them."""
+    return v / (residual_variance_factor(sigma) * chi2_quantile(0.5, k))
+
+
 def denoised_arclength(scores: np.ndarray, sigma: float) -> tuple[np.ndarray, float]:
     """Cumulative distance travelled (``N``, starting at 0) counting only steps clearly larger than
     noise, and the per-snapshot noise variance ``v``.
 
     Jitter on a plateau would otherwise pile up arc length: a step counts only when
     ``|dp|^2 > 4 * 2v``, with ``v`` estimated as the median squared residual of the time-smoothed
-    curve (fast transitions are a minority of snapshots, so the median ignores them).
+    curve (fast transitions are a minority of snapshots, so the median ignores them). On a still
+    trajectory about 7% of the steps still pass; :func:`significant_legs` then keeps the corners
+    that such steps make from being reported.
     """
     scores = np.asarray(scores, dtype=np.float64)
     smooth, _, _ = smooth_derivatives(scores, sigma)
@@ -449,6 +500,32 @@ def denoised_arclength(scores: np.ndarray, sigma: float) -> tuple[np.ndarray, fl
     d2 = (np.diff(scores, axis=0) ** 2).sum(axis=1)
     ds = np.where(d2 > 8.0 * v, np.sqrt(d2), 0.0)
     return np.concatenate([[0.0], np.cumsum(ds)]), v
+
+
+def significant_legs(scores: np.ndarray, a: int, i: int, b: int, noise_var: float, alpha: float = 0.01) -> bool:
+    """Whether both legs of a turn at snapshot ``i``, from snapshot ``a`` and to snapshot ``b``, are
+    displacements beyond noise: under i.i.d. noise of variance ``noise_var`` per component around a
+    still point, ``|p_i - p_a|^2 / (2 noise_var) ~ chi^2_k``; both must exceed its ``alpha`` upper
+    quantile."""
+    q = 2.0 * noise_var * chi2_quantile(alpha, scores.shape[1])
+    return bool(((scores[i] - scores[a]) ** 2).sum() > q and ((scores[b] - scores[i]) ** 2).sum() > q)
+
+
+def persistent_legs(scores: np.ndarray, index: int, half: int, alpha: float = 0.01) -> bool:
+    """Whether both legs of a turn at ``index`` are directed motion rather than a random walk.
+
+    For the leg ``[a, b]`` (``[index - half, index]`` and ``[index, index + half]``, clipped) the
+    statistic is ``T = k |p_b - p_a|^2 / sum_{a <= j < b} |p_{j+1} - p_j|^2``. Directed motion gives
+    up to ``k (b - a)``; a Gaussian random walk (i.i.d. increments) gives about ``chi^2_k``, i.i.d.
+    or AR(1) noise less. Both legs must exceed the ``alpha`` upper quantile of ``chi^2_k``.
+    """
+    n, k = scores.shape
+    q = chi2_quantile(alpha, k)
+    for a, b in ((max(0, index - half), index), (index, min(n - 1, index + half))):
+        path = float((np.diff(scores[a : b + 1], axis=0) ** 2).sum())
+        if b - a < 2 or path <= 0 or k * float(((scores[b] - scores[a]) ** 2).sum()) / path < q:
+            return False
+    return True
 
 
 def find_turning_points(
@@ -462,6 +539,7 @@ def find_turning_points(
     min_snr: float = 3.0,
     parameter: str = "time",
     exclude_last: int = 0,
+    alpha: float | None = 0.01,
 ) -> list[TurningPoint]:
     """Turning points of a trajectory in PC space (``scores``: ``N x k``).
 
@@ -479,6 +557,12 @@ def find_turning_points(
     within ``tolerance`` snapshots (default ``max(2, ceil(sigma))``), and a group becomes a turning
     point when it spans at least ``min(min_pairs, number of pairs)`` distinct pairs. The turning
     point's index is the median index of the group. ``min_snr``: see :func:`pair_vertices`.
+
+    ``alpha`` is the level of the tests against noise (``None``: no tests, the behaviour before
+    they were added):
+    in arc length both legs of a turn must be displacements beyond the noise of the raw snapshots
+    (:func:`significant_legs`; the resampled curve itself hides the noise); in time both legs
+    must be directed motion rather than a random walk (:func:`persistent_legs`). See docs/essential_dynamics.md for their measured effect.
     Returns the points sorted by index.
     """
     scores = np.asarray(scores, dtype=np.float64)
@@ -491,6 +575,7 @@ def find_turning_points(
     if n < 5:
         return []
     tol = max(2, math.ceil(sigma)) if tolerance is None else int(tolerance)
+    half = window_half_width(sigma)
     if parameter == "time":
         curve = scores
 
@@ -546,6 +631,8 @@ def find_turning_points(
         idx = int(np.median([cands[g][0] for g in group]))  # on the (resampled) curve
         if idx > n - 1 - exclude_last:
             continue
+        if parameter == "time" and alpha is not None and not persistent_legs(scores, idx, half, alpha):
+            continue
         out.append(
             TurningPoint(
                 index=idx, step=0, pairs=tuple(sorted(seen_pairs)), turn=max(cands[g][1] for g in group)
@@ -560,8 +647,64 @@ def find_turning_points(
     snapshots = []
     for tp in sorted(final, key=lambda t: t.index):
         i = to_snapshot(tp.index)
+        if parameter == "arclength" and alpha is not None:
+            # The legs' ends are the snapshots h resampled points before and after the corner.
+            a = min(i, int(np.searchsorted(arc, grid[max(0, tp.index - half)], side="right")) - 1)
+            b = max(i, min(n - 1, int(np.searchsorted(arc, grid[min(n - 1, tp.index + half)], side="left"))))
+            if not significant_legs(scores, max(a, 0), i, b, noise_variance(v, k, sigma), alpha):
+                continue
         coords = tuple(float(v) for v in scores[i])
         snapshots.append(
             TurningPoint(index=i, step=int(steps_arr[i]), pairs=tp.pairs, turn=tp.turn, coords=coords)
         )
     return snapshots
+
+
+# --------------------------------------------------------------------------------------------------
+# Snapshots of a model's function, and the text formats the callback logs
+# --------------------------------------------------------------------------------------------------
+def default_forward(model: torch.nn.Module, batch: Any) -> Any:
+    """``model(*batch)`` for a tuple/list, ``model(**batch)`` for a mapping, else ``model(batch)``."""
+    if isinstance(batch, tuple | list):
+        return model(*batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    return model(batch)
+
+
+def flatten_outputs(out: Any) -> torch.Tensor:
+    """Every tensor in a (possibly nested) model output, detached, flattened and concatenated in a
+    fixed order (mapping keys sorted), as one float64 vector."""
+    if isinstance(out, torch.Tensor):
+        return out.detach().reshape(-1).to(torch.float64)
+    if isinstance(out, Mapping):
+        parts = [flatten_outputs(out[k]) for k in sorted(out, key=str)]
+    elif isinstance(out, Sequence) and not isinstance(out, str | bytes):
+        parts = [flatten_outputs(o) for o in out]
+    else:
+        raise TypeError(
+            f"the model returned {type(out).__name__}; EssentialDynamics needs a Tensor (or tuple/dict "
+            "of Tensors). Pass forward_fn=lambda model, batch: ... that returns the outputs to track"
+        )
+    parts = [p for p in parts if p.numel()]
+    if not parts:
+        raise ValueError("the model's output on the probe batch is empty; use a non-empty probe batch")
+    return torch.cat(parts)
+
+
+def turning_points_markdown(confirmed_at: int, points: Sequence[TurningPoint]) -> str:
+    """Markdown table, one row per turning point: confirmation step, turning step, net turn in
+    degrees, component pairs. The report reads the turning step back from the second column."""
+    rows = ["| confirmed at step | turning step | turn (deg) | pairs |", "|---|---|---|---|"]
+    for tp in points:
+        pairs = ", ".join(f"PC{a + 1}/PC{b + 1}" for a, b in tp.pairs)
+        rows.append(f"| {confirmed_at} | {tp.step} | {math.degrees(tp.turn):.0f} | {pairs} |")
+    return "\n".join(rows)
+
+
+def trajectory_csv(steps: Sequence[int], scores: np.ndarray) -> str:
+    """The trajectory as a CSV block (``step,pc1,...``) inside a Markdown code fence, as logged in
+    ``ed/trajectory_final`` and read back by the report."""
+    header = "step," + ",".join(f"pc{i + 1}" for i in range(scores.shape[1]))
+    lines = [f"{s}," + ",".join(f"{v:.6g}" for v in row) for s, row in zip(steps, scores, strict=True)]
+    return "Trajectory on the final PCA basis (CSV):\n\n```\n" + "\n".join([header, *lines]) + "\n```"

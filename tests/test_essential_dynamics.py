@@ -179,7 +179,7 @@ def test_turning_point_accuracy_on_noisy_polylines() -> None:
     """Known turns of 3-segment trajectories (noise ~ one step length per snapshot), 20 seeds.
 
     Measured with sigma=3, min_snr=3, tolerance +-4 snapshots (see docs/essential_dynamics.md):
-    noise 0.02: 40/40 turns found, 0 false; noise 0.05: 34/40, 2 false.
+    noise 0.02: 40/40 turns found, 0 false (with or without the tests against noise).
     """
     hits = false = total = 0
     for seed in range(20):
