@@ -193,3 +193,53 @@ def test_nonfinite_loss_at_the_snapshot_is_blamed_on_the_model(streams: str) -> 
     assert any("non-finite loss at the snapshot on the probe data" in m for m in messages), messages
     assert not any("Lower `lr`" in m or "diverged" in m for m in messages), messages
     assert res.flags == (NONFINITE_INIT,) and math.isnan(res.mean) and not res.healthy
+
+
+# ------------------------------------------------------------------ the noisy validation suite (slow)
+#
+# Gaussian label noise sigma = 1, loss = per-sample Gaussian NLL, n = 16384, w* the exact (reduced-
+# rank) least-squares minimiser, 8 chains x 800 draws after 200 burn-in, per-chain batch streams.
+# The documented settings: localization = nbeta / 100 and the step size rule
+#     lr = 0.1 / (nbeta * h * (1 + k * nbeta / B)),   k = 1 for i.i.d. batches, 3 in epoch order,
+# with h the top Hessian eigenvalue at w* (docs/estimator.md, "Noisy data").
+
+SUITE_ROWS = {
+    # name: (batch size, loader mode, nbeta, batch_order, k)
+    "B32-replacement-loader": (32, "replacement", 128.0, "loader", 1),
+    "B128-epoch": (128, "epoch", 128.0, "loader", 3),
+    "B512-epoch-order-replacement": (512, "epoch", 1000.0, "replacement", 1),
+}
+
+
+def suite_estimate(case, row: str, seed: int):
+    from noisy_cases import top_hessian_eigenvalue
+
+    batch, mode, nbeta, order, k = SUITE_ROWS[row]
+    lr = 0.1 / (nbeta * top_hessian_eigenvalue(case) * (1 + k * nbeta / batch))
+    return estimate_llc(case.model, case.loss_fn, make_loader(case, batch, mode, seed), lr=lr, nbeta=nbeta,
+                        localization=nbeta / 100, num_chains=8, num_draws=800, num_burnin_steps=200, seed=seed,
+                        batch_streams="per_chain", batch_order=order)
+
+
+# ------------------------------------------------------------------ data fast path (#14 item 3)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_tensor_fast_path_gives_the_loaders_own_batches_bit_for_bit(shuffle: bool, drop_last: bool) -> None:
+    """A DataLoader over a TensorDataset is sliced in bulk instead of collated sample by sample;
+    with the loader's own generator state, the batches equal the loader's, bit for bit."""
+    from devinterp_lightning.sampling.batches import iterate_once
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(103, 3, generator=g), torch.randint(0, 5, (103,), generator=g),
+                         torch.randn(103, 2, 2, generator=g).double())
+    loader = DataLoader(data, batch_size=16, shuffle=shuffle, drop_last=drop_last,
+                        generator=torch.Generator().manual_seed(7))
+    theirs = list(loader)
+    ours = list(iterate_once(loader, torch.Generator().manual_seed(7)))
+    assert len(ours) == len(theirs) == (6 if drop_last else 7)
+    for a, b in zip(ours, theirs, strict=True):
+        assert len(a) == len(b) == 3
+        for ta, tb in zip(a, b, strict=True):
+            assert ta.dtype == tb.dtype and ta.shape == tb.shape and torch.equal(ta, tb)

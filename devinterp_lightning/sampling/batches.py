@@ -66,10 +66,15 @@ def _private_order(loader: Iterable[Any]) -> bool:
 
 def _index_batches(loader: DataLoader, generator: torch.Generator) -> list[Sequence[int]]:
     """One epoch of index batches, in the order the loader's sampler would give, but shuffled with
-    ``generator`` (a DataLoader draws even a sequential epoch's base seed from the global RNG)."""
+    ``generator`` (a DataLoader draws even a sequential epoch's base seed from the global RNG).
+    For a ``generator`` in the state of the loader's own ``generator``, these are the loader's
+    batches exactly."""
     batch_sampler = loader.batch_sampler
     size = len(loader.dataset)  # type: ignore[arg-type]
     if type(batch_sampler.sampler) is RandomSampler:  # type: ignore[union-attr]
+        # A DataLoader first draws its iterator's base seed from its generator, then the sampler
+        # its permutation: the same two draws give the loader's own order for the same state.
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
         order: Sequence[int] = torch.randperm(size, generator=generator).tolist()
     else:
         order = range(size)
