@@ -392,12 +392,20 @@ def _gradient_variance(
     batches = [b for step in steps for b in (step.batches if isinstance(step, ChainBatches) else [step])]
     if not moving or len(batches) < 2:
         return [float("nan")] * len(job_masks)
-    at_anchor = {n: anchor[n].unsqueeze(0) for n in moving}
-    rows = []
-    for batch in batches:
-        grads, _ = evaluator.grad_and_loss(at_anchor, batch)
-        rows.append(torch.cat([grads[n].detach().reshape(-1).double() for n in moving]))
-    variance = torch.stack(rows).var(dim=0)
+    stacked = stack_batches(batches) if evaluator.vectorize is not False else None
+    if stacked is not None:
+        # one vmapped call: w* as one lane per batch
+        lanes = {n: anchor[n].unsqueeze(0).expand(len(batches), *anchor[n].shape) for n in moving}
+        grads, _ = evaluator.grad_and_loss(lanes, ChainBatches(batches, stacked))
+        rows = torch.cat([grads[n].detach().reshape(len(batches), -1).double() for n in moving], dim=1)
+    else:
+        at_anchor = {n: anchor[n].unsqueeze(0) for n in moving}
+        per_batch = []
+        for batch in batches:
+            grads, _ = evaluator.grad_and_loss(at_anchor, batch)
+            per_batch.append(torch.cat([grads[n].detach().reshape(-1).double() for n in moving]))
+        rows = torch.stack(per_batch)
+    variance = rows.var(dim=0)
     out = []
     for mask in job_masks:
         weights = torch.cat([
