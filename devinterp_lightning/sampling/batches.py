@@ -181,6 +181,32 @@ def replacement_stream(
         yield to_device(batch, device, dtype)
 
 
+def stacked_replacement_streams(
+    loader: DataLoader, device: torch.device, dtype: torch.dtype | None, generators: Sequence[torch.Generator]
+) -> Iterator[tuple[list[Any], Any]]:
+    """Per step ``(batches, stacked)``: stream ``s`` draws ``batch_size`` indices with replacement with
+    ``generators[s]`` (the same indices as :func:`replacement_stream` would), and a TensorDataset is
+    gathered for all streams at once into ``[S, batch_size, ...]`` tensors; ``batches`` are views."""
+    dataset = loader.dataset
+    size, batch_size = len(dataset), int(loader.batch_size)  # type: ignore[arg-type]
+    if size == 0:
+        raise ValueError("the loader's dataset is empty; pass a loader with at least one sample")
+    tensors = dataset.tensors  # type: ignore[attr-defined]
+    while True:
+        index = torch.stack([torch.randint(size, (batch_size,), generator=g) for g in generators])
+        stacked = to_device([t[index] for t in tensors], device, dtype)
+        yield [[t[s] for t in stacked] for s in range(len(generators))], stacked
+
+
+def bulk_replacement(loader: Iterable[Any]) -> bool:
+    """True when per-chain i.i.d. batches can be gathered in bulk (:func:`stacked_replacement_streams`)."""
+    return (
+        supports_replacement(loader)
+        and type(loader.dataset) is TensorDataset  # type: ignore[attr-defined]
+        and loader.collate_fn is default_collate  # type: ignore[attr-defined]
+    )
+
+
 def _cyclic_order(loader: Iterable[Any]) -> bool:
     """True when every pass over ``loader`` gives the same batches in the same order (a list or
     tuple of batches, or a DataLoader with a sequential sampler)."""

@@ -29,10 +29,12 @@ from torch import Tensor, nn
 from devinterp_lightning.sampling.batches import (
     batch_size_of,
     batch_stream,
+    bulk_replacement,
     chain_streams,
     forked_global_rng,
     replacement_stream,
     stack_batches,
+    stacked_replacement_streams,
     supports_replacement,
 )
 from devinterp_lightning.sampling.result import LLCResult, summarize_chains
@@ -349,10 +351,16 @@ def _run_group(
         if settings.batch_streams == "per_chain":
             orders = [order] + [torch.Generator().manual_seed((seed ^ 0x5EED) + 104729 * s) for s in
                                 range(1, settings.num_chains)]
-            stream: Iterator[Any] = (
-                ChainBatches(step, stack_batches(step))
-                for step in chain_streams(loader, device, dtype, orders, replacement)
-            )
+            if replacement and bulk_replacement(loader):
+                stream: Iterator[Any] = (
+                    ChainBatches(batches, stacked)
+                    for batches, stacked in stacked_replacement_streams(loader, device, dtype, orders)  # type: ignore[arg-type]
+                )
+            else:
+                stream = (
+                    ChainBatches(step, stack_batches(step))
+                    for step in chain_streams(loader, device, dtype, orders, replacement)
+                )
         elif replacement:
             stream = replacement_stream(loader, device, dtype, order)  # type: ignore[arg-type]
         else:
