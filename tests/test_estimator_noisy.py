@@ -278,12 +278,17 @@ SUITE_CASES = {
     "DLN 3-4-4-3 r2": lambda seed: dln_case([3, 4, 4, 3], 2, n=16384, seed=seed),
 }
 
-# relative-error tolerance per (case, row), from the errors measured over seeds 0-2 (listed in
-# docs/validation.md, "Noisy data"); CI runs seed 0.
+# relative-error tolerance per case, from the errors measured over seeds 0-2 in all three rows
+# (docs/validation.md, "Accuracy on noisy data"); CI runs seed 0, the lowest seed of every network row.
+#   linear 4->3 (lambda 6):      +0.1% .. +3.2%, -0.8% .. +1.1%, -1.1% .. +2.3%
+#   RRR 4-4-4 r2 (lambda 7.5):  -18.0% .. +2.5%, -17.9% .. +0.4%, -18.8% .. -5.5%
+#   DLN 3-4-4-3 r2 (lambda 4.5): -25.5% .. -10.0%, -24.2% .. -11.2%, -22.7% .. -10.2%
+# The networks' low values are not minibatch noise: full batch at the same lr gives the same
+# (RRR, nbeta 1000: -20.3% .. -6.5%); they are finite nbeta and too few steps for the small lr.
 SUITE_TOLERANCE = {
     "linear 4->3": 0.08,
     "RRR 4-4-4 r2": 0.25,
-    "DLN 3-4-4-3 r2": 0.25,
+    "DLN 3-4-4-3 r2": 0.30,
 }
 
 
