@@ -6,6 +6,7 @@ The statistical cases use tests/noisy_cases.py (Gaussian label noise, w* the exa
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 
@@ -313,3 +314,20 @@ def test_bulk_per_chain_replacement_equals_the_sample_by_sample_path() -> None:
     slow = estimate_llc(case.model, case.loss_fn, DataLoader(samples, batch_size=64), seed=2, **kw)
     torch.testing.assert_close(bulk.loss_trace, slow.loss_trace)
     torch.testing.assert_close(bulk.init_loss_trace, slow.init_loss_trace)
+
+
+def test_probe_failure_on_per_lane_batches_keeps_the_vmapped_shared_path(caplog: pytest.LogCaptureFixture) -> None:
+    """Data-dependent control flow cannot be vmapped over per-lane batches, but can with one shared
+    batch: the minibatch-noise probe then loops, and the chains still run vectorized."""
+    case, loader = _case_and_loader()
+
+    def branching(model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        scale = 2.0 if bool(y.sum() > 0) else 1.0  # a Python branch on the data
+        return scale * case.loss_fn(model, batch)
+
+    with caplog.at_level(logging.INFO, logger="devinterp_lightning"):
+        res = estimate_llc(case.model, branching, loader, seed=0, **FAST)
+    assert math.isfinite(res.mean)
+    assert "vmap over per-lane batches failed" in caplog.text
+    assert "vmap over chains failed" not in caplog.text

@@ -400,11 +400,12 @@ def _gradient_variance(
     batches = [b for step in steps for b in (step.batches if isinstance(step, ChainBatches) else [step])]
     if not moving or len(batches) < 2:
         return [float("nan")] * len(job_masks)
-    stacked = stack_batches(batches) if evaluator.vectorize is not False else None
-    if stacked is not None:
-        # one vmapped call: w* as one lane per batch
-        lanes = {n: anchor[n].unsqueeze(0).expand(len(batches), *anchor[n].shape) for n in moving}
-        grads, _ = evaluator.grad_and_loss(lanes, ChainBatches(batches, stacked))
+    # one vmapped call where it runs: w* as one lane per batch
+    lanes = {n: anchor[n].unsqueeze(0).expand(len(batches), *anchor[n].shape) for n in moving}
+    out = None if evaluator.vectorize is False else evaluator.try_vmapped(
+        lanes, ChainBatches(batches, stack_batches(batches)))
+    if out is not None:
+        grads = out[0]
         rows = torch.cat([grads[n].detach().reshape(len(batches), -1).double() for n in moving], dim=1)
     else:
         at_anchor = {n: anchor[n].unsqueeze(0) for n in moving}

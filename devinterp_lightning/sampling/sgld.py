@@ -170,6 +170,20 @@ class LossEvaluator:
             index = self._lane_index
         return self._vmapped_lanes(stacked, _lanes_of(batch.stacked, num_lanes, index))
 
+    def try_vmapped(
+        self, stacked: dict[str, Tensor], batch: ChainBatches
+    ) -> tuple[dict[str, Tensor], Tensor] | None:
+        """One vmapped call with a batch per lane, or None when vmap cannot run it; unlike
+        :meth:`grad_and_loss` a failure does not switch the evaluator to the loop over lanes
+        (a model may vmap over chains with a shared batch but not over per-lane batches)."""
+        if self.vectorize is False or batch.stacked is None:
+            return None
+        try:
+            return self._vmapped_call(stacked, batch)
+        except Exception as err:  # noqa: BLE001
+            logger.info("devinterp_lightning: vmap over per-lane batches failed (%s)", err)
+            return None
+
     def grad_and_loss(
         self, stacked: dict[str, Tensor], batch: Any, out: dict[str, Tensor] | None = None
     ) -> tuple[dict[str, Tensor], Tensor]:
