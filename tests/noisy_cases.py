@@ -47,7 +47,7 @@ from devinterp_lightning import theory
 
 __all__ = [
     "NoisyCase", "dln_case", "full_loss", "gaussian_nll", "linear_case", "make_loader", "reduced_rank_minimiser",
-    "rrr_case",
+    "rrr_case", "top_hessian_eigenvalue",
 ]
 
 
@@ -96,6 +96,28 @@ def full_loss(case: NoisyCase, model: nn.Module | None = None) -> Tensor:
     """The training loss of ``model`` (default: the case's model) on the whole dataset."""
     x, y = case.dataset.tensors
     return case.loss_fn(case.model if model is None else model, (x, y))
+
+
+def top_hessian_eigenvalue(case: NoisyCase, iterations: int = 50, seed: int = 0) -> float:
+    """The largest eigenvalue ``h`` of the training loss's Hessian at ``w*`` (power iteration on
+    Hessian-vector products); the ``h`` of the step-size rules of thumb."""
+    params = dict(case.model.named_parameters())
+    x, y = case.dataset.tensors
+
+    def loss(p: dict[str, Tensor]) -> Tensor:
+        return case.loss_fn(lambda inputs: torch.func.functional_call(case.model, p, (inputs,)), (x, y))
+
+    g = torch.Generator().manual_seed(seed)
+    v = {n: torch.randn(t.shape, generator=g) for n, t in params.items()}
+    detached = {n: t.detach() for n, t in params.items()}
+    value = 0.0
+    for _ in range(iterations):
+        norm = torch.sqrt(sum((t**2).sum() for t in v.values()))
+        v = {n: t / norm for n, t in v.items()}
+        _, hv = torch.func.jvp(torch.func.grad(loss), (detached,), (v,))
+        value = float(sum((hv[n] * v[n]).sum() for n in v))
+        v = hv
+    return value
 
 
 def reduced_rank_minimiser(x: Tensor, y: Tensor, rank: int) -> Tensor:

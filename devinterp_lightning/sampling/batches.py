@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import islice
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+)
 from torch.utils.data._utils.collate import default_collate
 
 from devinterp_lightning.sampling.snapshot import forked_rng
@@ -57,10 +66,15 @@ def _private_order(loader: Iterable[Any]) -> bool:
 
 def _index_batches(loader: DataLoader, generator: torch.Generator) -> list[Sequence[int]]:
     """One epoch of index batches, in the order the loader's sampler would give, but shuffled with
-    ``generator`` (a DataLoader draws even a sequential epoch's base seed from the global RNG)."""
+    ``generator`` (a DataLoader draws even a sequential epoch's base seed from the global RNG).
+    For a ``generator`` in the state of the loader's own ``generator``, these are the loader's
+    batches exactly."""
     batch_sampler = loader.batch_sampler
     size = len(loader.dataset)  # type: ignore[arg-type]
     if type(batch_sampler.sampler) is RandomSampler:  # type: ignore[union-attr]
+        # A DataLoader first draws its iterator's base seed from its generator, then the sampler
+        # its permutation: the same two draws give the loader's own order for the same state.
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
         order: Sequence[int] = torch.randperm(size, generator=generator).tolist()
     else:
         order = range(size)
@@ -114,13 +128,135 @@ def batch_stream(
     With ``generator``, map-style DataLoaders with a plain shuffle or sequential order are read
     directly, their shuffle drawn from ``generator``: the global RNG is never touched.
     """
+    passes = 0
     while True:
         empty = True
         for batch in iterate_once(loader, generator):
             empty = False
             yield to_device(batch, device, dtype)
         if empty:
+            if passes and iter(loader) is loader:  # type: ignore[call-overload]
+                raise ValueError(
+                    "data must be re-iterable (a list of batches or a DataLoader): the sampler goes "
+                    f"through it more than once, but the {type(loader).__name__} passed was used up "
+                    "after one pass (a generator or an iterator yields its batches only once)"
+                )
             raise ValueError("the loader yielded no batches; pass a loader with at least one batch")
+        passes += 1
+
+
+def supports_replacement(loader: Iterable[Any]) -> bool:
+    """True for a DataLoader over a map-style dataset (indexable, with a length) with a batch size:
+    its batches can be drawn sample by sample with replacement."""
+    return (
+        isinstance(loader, DataLoader)
+        and not isinstance(loader.dataset, IterableDataset)
+        and hasattr(loader.dataset, "__len__")
+        and isinstance(loader.batch_size, int)
+        and loader.batch_size > 0
+    )
+
+
+def replacement_stream(
+    loader: DataLoader, device: torch.device, dtype: torch.dtype | None, generator: torch.Generator
+) -> Iterator[Any]:
+    """Endless batches of ``loader.batch_size`` samples drawn uniformly *with replacement* from
+    ``loader.dataset`` with ``generator`` (i.i.d. batches, whatever the loader's own order).
+
+    A TensorDataset with the default collate is indexed in bulk (the same tensors that collating
+    the samples one by one would give); any other dataset is fetched sample by sample and collated
+    with the loader's ``collate_fn``.
+    """
+    dataset = loader.dataset
+    size, batch_size = len(dataset), int(loader.batch_size)  # type: ignore[arg-type]
+    if size == 0:
+        raise ValueError("the loader's dataset is empty; pass a loader with at least one sample")
+    fast = type(dataset) is TensorDataset and loader.collate_fn is default_collate
+    while True:
+        index = torch.randint(size, (batch_size,), generator=generator)
+        if fast:
+            batch: Any = [t[index] for t in dataset.tensors]  # type: ignore[attr-defined]
+        else:
+            batch = loader.collate_fn([dataset[i] for i in index.tolist()])
+        yield to_device(batch, device, dtype)
+
+
+def stacked_replacement_streams(
+    loader: DataLoader, device: torch.device, dtype: torch.dtype | None, generators: Sequence[torch.Generator]
+) -> Iterator[tuple[list[Any], Any]]:
+    """Per step ``(batches, stacked)``: stream ``s`` draws ``batch_size`` indices with replacement with
+    ``generators[s]`` (the same indices as :func:`replacement_stream` would), and a TensorDataset is
+    gathered for all streams at once into ``[S, batch_size, ...]`` tensors; ``batches`` are views."""
+    dataset = loader.dataset
+    size, batch_size = len(dataset), int(loader.batch_size)  # type: ignore[arg-type]
+    if size == 0:
+        raise ValueError("the loader's dataset is empty; pass a loader with at least one sample")
+    tensors = dataset.tensors  # type: ignore[attr-defined]
+    while True:
+        index = torch.stack([torch.randint(size, (batch_size,), generator=g) for g in generators])
+        stacked = to_device([t[index] for t in tensors], device, dtype)
+        yield [[t[s] for t in stacked] for s in range(len(generators))], stacked
+
+
+def bulk_replacement(loader: Iterable[Any]) -> bool:
+    """True when per-chain i.i.d. batches can be gathered in bulk (:func:`stacked_replacement_streams`)."""
+    return (
+        supports_replacement(loader)
+        and type(loader.dataset) is TensorDataset  # type: ignore[attr-defined]
+        and loader.collate_fn is default_collate  # type: ignore[attr-defined]
+    )
+
+
+def _cyclic_order(loader: Iterable[Any]) -> bool:
+    """True when every pass over ``loader`` gives the same batches in the same order (a list or
+    tuple of batches, or a DataLoader with a sequential sampler)."""
+    if isinstance(loader, (list, tuple)):
+        return True
+    return _private_order(loader) and type(loader.batch_sampler.sampler) is SequentialSampler  # type: ignore[attr-defined]
+
+
+def chain_streams(
+    loader: Iterable[Any],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    generators: Sequence[torch.Generator],
+    replacement: bool = False,
+) -> Iterator[list[Any]]:
+    """One batch per stream per step: ``len(generators)`` independent endless streams of ``loader``.
+
+    Stream ``s`` orders its batches with ``generators[s]``: its own shuffle of a map-style
+    DataLoader, or (``replacement``) its own i.i.d. draws with replacement. A loader whose passes
+    all look alike (a list of batches, a sequential DataLoader) cannot be reordered; stream ``s``
+    then starts its cycle ``s * m // S`` batches in (``m`` batches a pass), so that the streams see
+    different batches at every step. Any other loader is iterated separately by every stream
+    (it draws its order from the global RNG, which the caller forks).
+    """
+    num = len(generators)
+    if replacement:
+        streams = [replacement_stream(loader, device, dtype, g) for g in generators]  # type: ignore[arg-type]
+    else:
+        streams = [batch_stream(loader, device, dtype, g) for g in generators]
+        if _cyclic_order(loader):
+            per_pass = len(loader)  # type: ignore[arg-type]
+            streams = [islice(st, s * per_pass // num, None) for s, st in enumerate(streams)]
+    while True:
+        yield [next(st) for st in streams]
+
+
+def stack_batches(batches: Sequence[Any]) -> Any | None:
+    """The batches stacked leaf by leaf along a new leading dimension, or None when they cannot be
+    (different structures, non-tensor leaves or different shapes, e.g. a short last batch)."""
+    flat = [tree_flatten(b) for b in batches]
+    spec = flat[0][1]
+    if any(f[1] != spec for f in flat):
+        return None
+    columns = list(zip(*(f[0] for f in flat), strict=True))
+    if not columns:
+        return None
+    for column in columns:
+        if not all(isinstance(t, Tensor) for t in column) or len({t.shape for t in column}) > 1:
+            return None
+    return tree_unflatten([torch.stack(column) for column in columns], spec)
 
 
 def batch_size_of(loader: Iterable[Any], first_batch: Any) -> int | None:

@@ -14,20 +14,32 @@ global RNG state are restored afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import chain
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from devinterp_lightning.sampling.batches import batch_size_of, batch_stream, forked_global_rng
+from devinterp_lightning.sampling.batches import (
+    batch_size_of,
+    batch_stream,
+    bulk_replacement,
+    chain_streams,
+    forked_global_rng,
+    replacement_stream,
+    stack_batches,
+    stacked_replacement_streams,
+    supports_replacement,
+)
 from devinterp_lightning.sampling.result import LLCResult, summarize_chains
 from devinterp_lightning.sampling.settings import SGLDSettings
-from devinterp_lightning.sampling.sgld import LossEvaluator, run_chains
+from devinterp_lightning.sampling.sgld import ChainBatches, ChainTraces, LossEvaluator, run_chains
 from devinterp_lightning.sampling.snapshot import (
     Restriction,
     cuda_devices,
@@ -40,7 +52,53 @@ logger = logging.getLogger("devinterp_lightning")
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
-__all__ = ["estimate_llc", "estimate_llcs", "default_nbeta", "Restriction", "SGLDSettings"]
+__all__ = [
+    "MINIBATCH_NOISE",
+    "NONFINITE_INIT",
+    "Restriction",
+    "SGLDSettings",
+    "default_nbeta",
+    "estimate_llc",
+    "estimate_llcs",
+    "predicted_minibatch_inflation",
+]
+
+#: Flag of a result whose model already gives a nan/inf loss at the snapshot (nothing was sampled).
+NONFINITE_INIT = "nonfinite_init"
+#: Flag of a result whose predicted minibatch-noise inflation is a sizeable part of the estimate.
+MINIBATCH_NOISE = "minibatch_noise"
+#: ``minibatch_noise`` is raised when the predicted inflation exceeds this fraction of the estimate.
+MINIBATCH_NOISE_LIMIT = 0.1
+#: Batches whose gradients at w* estimate the minibatch gradient variance (one gradient each).
+NOISE_PROBE_BATCHES = 8
+#: Epoch-ordered batches (no replacement) add a paired cross term of up to twice the variance term.
+EPOCH_ORDER_FACTOR = 3.0
+
+
+def predicted_minibatch_inflation(
+    lr: float, nbeta: float, gradient_variance: float, batch_order: str = "replacement"
+) -> float:
+    """Upper estimate of the LLC inflation caused by minibatch gradient noise, to first order in ``lr``.
+
+    With ``g_b`` the batch gradient at w* and ``V = Cov(g_b)`` (``= C / B`` for i.i.d. batches, C
+    the per-sample gradient covariance), one SGLD step adds ``(lr/2)^2 nbeta^2 V`` of position
+    covariance on top of the injected ``lr * I``. In the quadratic approximation
+    ``L ~ L* + 1/2 dw' H dw`` the stationary covariance solves
+    ``K S + S K = lr nbeta^2 V / 2`` with ``K = nbeta H + localization``, and the estimate
+    ``nbeta/2 tr(H S)`` grows by ``lr nbeta^2 tr(H K^-1 V) / 8 <= lr nbeta^2 tr(V) / 8`` (because
+    ``H K^-1 <= 1/nbeta``). For i.i.d. batches (``batch_order="replacement"``) that is the bias.
+    In epoch order the current batch is anticorrelated with the earlier batches of its epoch, which
+    moved the chain; the paired loss difference then picks up ``nbeta E[g_b . dw]``, at most
+    ``lr nbeta^2 tr(V) / 4`` (no decay within the epoch), so the bound is 3x.
+
+    Args:
+        lr, nbeta: the SGLD settings.
+        gradient_variance: ``tr(V)``, the summed variance of the batch gradient at w* over the
+            moving weights.
+        batch_order: ``"replacement"`` or ``"loader"`` (taken to be epoch-like).
+    """
+    base = lr * nbeta**2 * gradient_variance / 8
+    return base * (1.0 if batch_order == "replacement" else EPOCH_ORDER_FACTOR)
 
 
 def default_nbeta(batch_size: int) -> float:
@@ -69,6 +127,8 @@ def estimate_llc(
     num_draws: int | None = None,
     num_burnin_steps: int | None = None,
     num_steps_bw_draws: int | None = None,
+    batch_streams: str | None = None,
+    batch_order: str | None = None,
     settings: SGLDSettings | None = None,
     restrict: Restriction = None,
     seed: int | None = None,
@@ -90,8 +150,10 @@ def estimate_llc(
     Args:
         model: the network; it is left exactly as it was (parameters, buffers, ``.grad``,
             ``requires_grad``, every submodule's train/eval mode, the global RNG state).
-        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss over the batch.
-        loader: any iterable of batches (re-iterated when exhausted). Restricting by data means
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss over the batch (a per-sample loss
+            vector, ``reduction="none"``, is rejected with its shape).
+        loader: any re-iterable collection of batches (a DataLoader or a list; re-iterated when
+            exhausted, so a one-shot generator is rejected once it runs dry). Restricting by data means
             passing another loader. A DataLoader over a TensorDataset is sliced directly.
         lr: SGLD step size (epsilon).
         localization: strength gamma of the pull back to ``w*``.
@@ -100,6 +162,12 @@ def estimate_llc(
         num_chains, num_draws, num_burnin_steps, num_steps_bw_draws: chain layout; each chain
             takes ``num_burnin_steps + (num_draws - 1) * num_steps_bw_draws + 1`` steps
             (defaults 4, 100, 0, 1).
+        batch_streams: ``"shared"`` (default): all chains see the same batch at each step;
+            ``"per_chain"``: every chain reads its own stream, so the per-chain estimates (and
+            ``stderr``) are independent. See docs/estimator.md, "Batch streams".
+        batch_order: ``"loader"`` (default): the loader's order; ``"replacement"``: i.i.d.
+            batches of ``batch_size`` samples drawn with replacement from a map-style DataLoader's
+            dataset (no epoch-order bias on noisy data).
         settings: all of the above as one :class:`SGLDSettings`; keywords that are not None
             override its fields. ``lr`` and ``localization`` are required one way or the other.
         restrict: which weights move: None (all), a glob or list of globs matched with
@@ -121,7 +189,8 @@ def estimate_llc(
     """
     settings = SGLDSettings.from_kwargs(
         settings, lr=lr, localization=localization, nbeta=nbeta, num_chains=num_chains, num_draws=num_draws,
-        num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws,
+        num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws, batch_streams=batch_streams,
+        batch_order=batch_order,
     )
     results = estimate_llcs(
         model, loss_fn, {"llc": (loader, restrict)}, settings=settings, seed=seed, device=device, dtype=dtype,
@@ -142,6 +211,8 @@ def estimate_llcs(
     num_draws: int | None = None,
     num_burnin_steps: int | None = None,
     num_steps_bw_draws: int | None = None,
+    batch_streams: str | None = None,
+    batch_order: str | None = None,
     settings: SGLDSettings | None = None,
     seed: int | None = None,
     device: torch.device | str | None = None,
@@ -158,7 +229,8 @@ def estimate_llcs(
     """
     settings = SGLDSettings.from_kwargs(
         settings, lr=lr, localization=localization, nbeta=nbeta, num_chains=num_chains, num_draws=num_draws,
-        num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws,
+        num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws, batch_streams=batch_streams,
+        batch_order=batch_order,
     )
     num_chains = settings.num_chains
     if not jobs:
@@ -187,17 +259,47 @@ def estimate_llcs(
             loader = jobs[names[0]][0]
             done = index * settings.total_steps
             report = None if progress is None else (lambda k, done=done: progress(done + k, total))
-            traces, group_nbeta = _run_group(
+            traces, group_nbeta, bad_start, variances = _run_group(
                 model, loss_fn, loader, [masks_per_job[n] for n in names], anchor, buffers, settings,
                 seed + 7919 * index, device, dtype, report,
             )
+            if bad_start is not None:
+                warnings.warn(
+                    f"the model gives a non-finite loss at the snapshot on the probe data (loss_fn = {bad_start} "
+                    "at the current weights on the first batch): there is no LLC to estimate. The weights "
+                    "or the data hold nan/inf; this is not a problem of the SGLD settings.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             for k, name in enumerate(names):
                 lanes = slice(k * num_chains, (k + 1) * num_chains)
-                results[name] = summarize_chains(
+                result = summarize_chains(
                     traces.loss_trace[lanes], traces.init_loss_trace[lanes], group_nbeta,
                     lr=settings.lr, localization=settings.localization, diverged=traces.diverged[lanes],
+                    warn=bad_start is None,
                 )
+                if bad_start is not None:
+                    result = dataclasses.replace(result, flags=(NONFINITE_INIT,))
+                else:
+                    result = _flag_minibatch_noise(result, variances[k], settings.batch_order, name)
+                results[name] = result
     return {name: results[name] for name in jobs}
+
+
+def _flag_minibatch_noise(result: LLCResult, variance: float, batch_order: str, name: str) -> LLCResult:
+    """Add ``minibatch_noise`` when :func:`predicted_minibatch_inflation` exceeds
+    ``MINIBATCH_NOISE_LIMIT`` of the estimate (the bias from minibatch gradient noise is then
+    larger than the accuracy the validation suite reaches at well-chosen settings)."""
+    if not (math.isfinite(variance) and math.isfinite(result.mean)):
+        return result
+    inflation = predicted_minibatch_inflation(result.lr, result.nbeta, variance, batch_order)
+    logger.info(
+        "devinterp_lightning: %s: predicted minibatch-noise inflation %.3g (estimate %.3g)", name, inflation,
+        result.mean,
+    )
+    if inflation > MINIBATCH_NOISE_LIMIT * abs(result.mean):
+        return dataclasses.replace(result, flags=(*result.flags, MINIBATCH_NOISE))
+    return result
 
 
 def _run_group(
@@ -212,7 +314,10 @@ def _run_group(
     device: torch.device,
     dtype: torch.dtype | None,
     progress: Callable[[int], None] | None,
-) -> tuple[Any, float]:
+) -> tuple[ChainTraces, float, float | None, list[float]]:
+    """Sample one group of jobs sharing a loader: ``(traces, nbeta, None, gradient variances)``
+    (one ``tr Cov(g_b)`` per job), or ``(all-nan traces, nbeta, loss, nans)`` when the loss at w*
+    on the first batch is non-finite (nothing is sampled)."""
     # Lane masks [num_lanes, *shape] for every parameter some job moves; parameters moved by
     # no job are passed unbatched and get no gradient.
     moving = [n for n in anchor if any(n in m for m in job_masks)]
@@ -232,20 +337,89 @@ def _run_group(
 
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    # Batch order: from a private generator where the loader allows it; otherwise from a seeded
+    replacement = settings.batch_order == "replacement"
+    if replacement and not supports_replacement(loader):
+        raise ValueError(
+            "batch_order='replacement' draws samples from the loader's dataset, so it needs a DataLoader over "
+            f"a map-style dataset (with a length) and a batch_size; got {type(loader).__name__}. "
+            "Use batch_order='loader' for this loader."
+        )
+    # Batch order: from private generators where the loader allows it; otherwise from a seeded
     # fork of the global RNG (restored afterwards), so the order is reproducible either way.
     order = torch.Generator().manual_seed(seed ^ 0x5EED)
     with forked_global_rng(loader, seed ^ 0x5EED, cuda_devices(device)):
-        stream = batch_stream(loader, device, dtype, order)
+        if settings.batch_streams == "per_chain":
+            orders = [order] + [torch.Generator().manual_seed((seed ^ 0x5EED) + 104729 * s) for s in
+                                range(1, settings.num_chains)]
+            if replacement and bulk_replacement(loader):
+                stream: Iterator[Any] = (
+                    ChainBatches(batches, stacked)
+                    for batches, stacked in stacked_replacement_streams(loader, device, dtype, orders)  # type: ignore[arg-type]
+                )
+            else:
+                stream = (
+                    ChainBatches(step, stack_batches(step))
+                    for step in chain_streams(loader, device, dtype, orders, replacement)
+                )
+        elif replacement:
+            stream = replacement_stream(loader, device, dtype, order)  # type: ignore[arg-type]
+        else:
+            stream = batch_stream(loader, device, dtype, order)
         first = next(stream)
         nbeta = settings.nbeta
         if nbeta is None:
-            size = batch_size_of(loader, first)
+            size = batch_size_of(loader, first.batches[0] if isinstance(first, ChainBatches) else first)
             if size is None:
                 raise ValueError("cannot infer the batch size for the default nbeta; pass nbeta= explicitly")
             nbeta = default_nbeta(size)
             logger.info("devinterp_lightning: nbeta=None, using B/log(B) = %.4g for batch size B=%d", nbeta, size)
         settings = settings.replace(nbeta=float(nbeta))
         evaluator = LossEvaluator(model, loss_fn, anchor, buffers, moving)
-        traces = run_chains(evaluator, chain([first], stream), anchor, masks, settings, generator, progress=progress)
-    return traces, float(nbeta)
+        # The loss at w* first: a model that is already nan/inf there has nothing to sample, and
+        # its chains would all "diverge" and send the user to the SGLD settings.
+        start = evaluator.anchor_loss(first)
+        if not bool(torch.isfinite(start).all()):
+            num_lanes = len(job_masks) * settings.num_chains
+            nan = torch.full((num_lanes, settings.num_draws), float("nan"), device=device)
+            traces = ChainTraces(nan, nan.clone(), torch.ones(num_lanes, dtype=torch.bool, device=device))
+            return traces, float(nbeta), float(start.flatten()[0]), [float("nan")] * len(job_masks)
+        peeked = [first]
+        while sum(len(b.batches) if isinstance(b, ChainBatches) else 1 for b in peeked) < NOISE_PROBE_BATCHES:
+            peeked.append(next(stream))
+        variances = _gradient_variance(evaluator, peeked, anchor, moving, job_masks)
+        traces = run_chains(evaluator, chain(peeked, stream), anchor, masks, settings, generator, progress=progress)
+    return traces, float(nbeta), None, variances
+
+
+def _gradient_variance(
+    evaluator: LossEvaluator, steps: list[Any], anchor: dict[str, Tensor], moving: list[str],
+    job_masks: list[dict[str, Tensor]],
+) -> list[float]:
+    """Per job, ``tr Cov(g_b)`` over its moving entries: the variance of the batch gradient at w*,
+    estimated from the gradients on the given batches (the first ones of the sampler's stream)."""
+    batches = [b for step in steps for b in (step.batches if isinstance(step, ChainBatches) else [step])]
+    if not moving or len(batches) < 2:
+        return [float("nan")] * len(job_masks)
+    # one vmapped call where it runs: w* as one lane per batch
+    lanes = {n: anchor[n].unsqueeze(0).expand(len(batches), *anchor[n].shape) for n in moving}
+    out = None if evaluator.vectorize is False else evaluator.try_vmapped(
+        lanes, ChainBatches(batches, stack_batches(batches)))
+    if out is not None:
+        grads = out[0]
+        rows = torch.cat([grads[n].detach().reshape(len(batches), -1).double() for n in moving], dim=1)
+    else:
+        at_anchor = {n: anchor[n].unsqueeze(0) for n in moving}
+        per_batch = []
+        for batch in batches:
+            grads, _ = evaluator.grad_and_loss(at_anchor, batch)
+            per_batch.append(torch.cat([grads[n].detach().reshape(-1).double() for n in moving]))
+        rows = torch.stack(per_batch)
+    variance = rows.var(dim=0)
+    out = []
+    for mask in job_masks:
+        weights = torch.cat([
+            (mask[n].to(variance.device).double().reshape(-1) if n in mask else torch.zeros(anchor[n].numel(),
+             dtype=torch.float64, device=variance.device)) for n in moving
+        ])
+        out.append(float((variance * weights).sum()))
+    return out

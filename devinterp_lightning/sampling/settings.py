@@ -13,7 +13,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SGLDSettings"]
+__all__ = ["BATCH_ORDERS", "BATCH_STREAMS", "SGLDSettings"]
+
+#: ``SGLDSettings.batch_streams``: one batch stream for all chains, or one per chain.
+BATCH_STREAMS = ("shared", "per_chain")
+#: ``SGLDSettings.batch_order``: the loader's own order, or i.i.d. batches drawn with replacement.
+BATCH_ORDERS = ("loader", "replacement")
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,14 @@ class SGLDSettings:
         num_draws: draws recorded per chain after burn-in (>= 1).
         num_burnin_steps: steps discarded before the first draw (>= 0).
         num_steps_bw_draws: steps between two recorded draws (>= 1).
+        batch_streams: ``"shared"``: every chain sees the same batch at each step (the chains of
+            a run are then correlated through the batches, and ``stderr`` from the per-chain means
+            is too small on noisy data); ``"per_chain"``: every chain draws its own batches, so the
+            per-chain estimates are independent (see docs/estimator.md, "Batch streams").
+        batch_order: ``"loader"``: the loader's order (one reshuffled epoch after another for a
+            shuffling DataLoader); ``"replacement"``: every batch is ``batch_size`` samples drawn
+            uniformly with replacement from the loader's map-style dataset, independent of the
+            chain's past, which removes the epoch-order bias on noisy data (docs/estimator.md).
     """
 
     lr: float
@@ -41,6 +54,8 @@ class SGLDSettings:
     num_draws: int = 100
     num_burnin_steps: int = 0
     num_steps_bw_draws: int = 1
+    batch_streams: str = "shared"
+    batch_order: str = "loader"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
@@ -56,6 +71,9 @@ class SGLDSettings:
             value = getattr(self, label)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{label} must be an integer >= {low}; got {value!r}")
+        for label, allowed in (("batch_streams", BATCH_STREAMS), ("batch_order", BATCH_ORDERS)):
+            if getattr(self, label) not in allowed:
+                raise ValueError(f"{label} must be one of {list(allowed)}; got {getattr(self, label)!r}")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -1,6 +1,7 @@
 """Vectorized SGLD over stacked parameter tensors ("lanes"). Pure torch, no Lightning.
 
-A *lane* is one chain. All lanes of one run share the batch stream and are advanced together:
+A *lane* is one chain. All lanes of one run either share one batch stream or (per-chain
+streams, :class:`ChainBatches`) each read their own, and are advanced together:
 the moving parameters are stacked as ``[num_lanes, *shape]`` and one call of
 ``torch.func.vmap(torch.func.grad_and_value(...))`` gives every lane's batch loss and gradient.
 Each lane carries its own update mask, so chains with different weight restrictions (and
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from devinterp_lightning.sampling.settings import SGLDSettings
 
@@ -72,6 +73,21 @@ LOOP_THRESHOLD = 4_000_000
 
 
 @dataclass
+class ChainBatches:
+    """One step's batches when the chains read separate streams: lane ``l`` uses ``batches[l % S]``.
+
+    ``stacked`` is the same ``S`` batches stacked along a new leading dimension (for one vmap
+    call over the lanes), or None when they cannot be stacked (then the lanes are looped over).
+    """
+
+    batches: list[Any]
+    stacked: Any | None
+
+    def lane(self, lane: int) -> Any:
+        return self.batches[lane % len(self.batches)]
+
+
+@dataclass
 class ChainTraces:
     """What a run produces: ``[num_lanes, num_draws]`` traces and a ``[num_lanes]`` divergence mask."""
 
@@ -109,6 +125,10 @@ class LossEvaluator:
         self.vectorize = vectorize  # None: try vmap once, fall back to a loop over lanes
         self._grad_fn = grad_and_value(self._loss)
         self._vmapped = vmap(self._grad_fn, in_dims=(0, None), randomness="different")
+        # per-chain streams: every lane has its own batch
+        self._vmapped_lanes = vmap(self._grad_fn, in_dims=(0, 0), randomness="different")
+        self._vmapped_anchor = vmap(self._anchor_call, in_dims=0, randomness="different")
+        self._lane_index: Tensor | None = None
 
     def _call(self, tensors: dict[str, Tensor], batch: Any) -> Any:
         for alias, canonical in self.aliases.items():
@@ -119,19 +139,50 @@ class LossEvaluator:
         tensors = {**self.fixed, **self.buffers}
         for name, value in moving.items():
             tensors["model." + name] = value
-        loss = self._call(tensors, batch)
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise TypeError(
-                "loss_fn(model, batch) must return a scalar tensor (the mean loss over the batch); got "
-                f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else tuple(loss.shape)}"
-            )
-        return loss.reshape(())
+        return _scalar(self._call(tensors, batch))
+
+    def _anchor_call(self, batch: Any) -> Tensor:
+        return _scalar(self._call({**self.anchor_all, **self.buffers}, batch))
 
     @torch.no_grad()
     def anchor_loss(self, batch: Any) -> Tensor:
-        """L_batch(w*), a 0-d tensor."""
-        loss = self._call({**self.anchor_all, **self.buffers}, batch)
-        return loss.detach().reshape(()).float()
+        """L_batch(w*), a 0-d tensor; for :class:`ChainBatches`, ``[S]`` (one per stream)."""
+        if isinstance(batch, ChainBatches):
+            if batch.stacked is not None and self.vectorize is not False:
+                try:
+                    return self._vmapped_anchor(batch.stacked).detach().float()
+                except Exception as err:  # noqa: BLE001 - vmap cannot run every model
+                    logger.info("devinterp_lightning: vmap over batch streams failed (%s); looping", err)
+                    self.vectorize = False
+            return torch.stack([self._anchor_call(b).detach().float() for b in batch.batches])
+        return self._anchor_call(batch).detach().float()
+
+    def _vmapped_call(self, stacked: dict[str, Tensor], batch: Any) -> tuple[dict[str, Tensor], Tensor]:
+        if not isinstance(batch, ChainBatches):
+            return self._vmapped(stacked, batch)
+        num_lanes = next(iter(stacked.values())).shape[0]
+        streams = len(batch.batches)
+        index = None
+        if num_lanes != streams:
+            if self._lane_index is None or self._lane_index.numel() != num_lanes:
+                device = tree_leaves(batch.stacked)[0].device
+                self._lane_index = torch.arange(num_lanes, device=device) % streams
+            index = self._lane_index
+        return self._vmapped_lanes(stacked, _lanes_of(batch.stacked, num_lanes, index))
+
+    def try_vmapped(
+        self, stacked: dict[str, Tensor], batch: ChainBatches
+    ) -> tuple[dict[str, Tensor], Tensor] | None:
+        """One vmapped call with a batch per lane, or None when vmap cannot run it; unlike
+        :meth:`grad_and_loss` a failure does not switch the evaluator to the loop over lanes
+        (a model may vmap over chains with a shared batch but not over per-lane batches)."""
+        if self.vectorize is False or batch.stacked is None:
+            return None
+        try:
+            return self._vmapped_call(stacked, batch)
+        except Exception as err:  # noqa: BLE001
+            logger.info("devinterp_lightning: vmap over per-lane batches failed (%s)", err)
+            return None
 
     def grad_and_loss(
         self, stacked: dict[str, Tensor], batch: Any, out: dict[str, Tensor] | None = None
@@ -141,18 +192,21 @@ class LossEvaluator:
         ``out``, if given, holds ``[L, *shape]`` views the gradients are written into (the loop
         over lanes then copies each gradient once instead of stacking and re-flattening it).
         """
-        if self.vectorize is None and _compute_bound_on_cpu(stacked, batch):
+        per_lane = isinstance(batch, ChainBatches)
+        if self.vectorize is None and _compute_bound_on_cpu(stacked, batch.batches[0] if per_lane else batch):
+            self.vectorize = False
+        if per_lane and batch.stacked is None:
             self.vectorize = False
         if self.vectorize is None:
             try:
-                out = self._vmapped(stacked, batch)
+                out = self._vmapped_call(stacked, batch)
                 self.vectorize = True
                 return out
             except Exception as err:  # vmap cannot run some models (e.g. BatchNorm in train mode)
                 logger.info("devinterp_lightning: vmap over chains failed (%s); looping over chains", err)
                 self.vectorize = False
         if self.vectorize:
-            return self._vmapped(stacked, batch)
+            return self._vmapped_call(stacked, batch)
         # Loop with plain autograd: unlike torch.func, it lets the forward mutate our buffer
         # copies (BatchNorm running statistics in train mode).
         num_lanes = next(iter(stacked.values())).shape[0]
@@ -161,7 +215,7 @@ class LossEvaluator:
         for lane in range(num_lanes):
             leaves = {n: t[lane].detach().requires_grad_(True) for n, t in stacked.items()}
             with torch.enable_grad():
-                loss = self._loss(leaves, batch)
+                loss = self._loss(leaves, batch.lane(lane) if per_lane else batch)
                 g = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
             for n, gi in zip(leaves, g, strict=True):
                 if gi is None:
@@ -170,6 +224,24 @@ class LossEvaluator:
                     grads[n][lane].copy_(gi)
             losses.append(loss.detach())
         return grads, torch.stack(losses)
+
+
+def _scalar(loss: Any) -> Tensor:
+    """``loss`` as a 0-d tensor, or a TypeError that says what ``loss_fn`` returned instead."""
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise TypeError(
+            "loss_fn(model, batch) must return a scalar mean over the batch (e.g. reduction='mean', not "
+            "'none'); it returned "
+            + (f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__)
+        )
+    return loss.reshape(())
+
+
+def _lanes_of(stacked: Any, num_lanes: int, index: Tensor | None) -> Any:
+    """The ``S`` stacked stream batches repeated to one per lane (lane ``l`` gets stream ``l % S``)."""
+    if index is None:
+        return stacked
+    return tree_map(lambda t: t.index_select(0, index), stacked)
 
 
 def _tied_aliases(model: nn.Module) -> dict[str, str]:
@@ -233,7 +305,8 @@ def run_chains(
 
     Args:
         evaluator: computes per-lane gradients for the names in ``masks``.
-        batches: an endless iterator of batches (already on the right device and dtype).
+        batches: an endless iterator of batches (already on the right device and dtype): one
+            batch shared by all lanes, or a :class:`ChainBatches` per step (per-chain streams).
         anchor: w* for every parameter name.
         masks: ``{name: mask}`` for the moving parameters, each broadcastable to
             ``[num_lanes, *shape]`` with 1 where a lane may move an entry and 0 elsewhere.
@@ -263,6 +336,8 @@ def run_chains(
         draw = settings.draw_index(step)
         if draw is not None or init_loss is None:
             init_loss = evaluator.anchor_loss(batch)
+            if isinstance(batch, ChainBatches):  # one value per stream -> one per lane
+                init_loss = init_loss.repeat((num_lanes + init_loss.numel() - 1) // init_loss.numel())[:num_lanes]
         grads, losses = evaluator.grad_and_loss(lanes.views, batch, out=grad_views)
         losses = losses.detach().float()
         # a lane diverges on a non-finite or runaway loss; it is frozen back at w* from then on
