@@ -234,3 +234,18 @@ def test_rhat_limit_on_healthy_and_shifted_chains() -> None:
         x[0] += 1.0
         bad.append(split_rhat(torch.tensor(x)))
     assert np.mean(np.array(bad) > RHAT_LIMIT) > 0.7
+
+
+def test_extra_flags_survive_a_resummary_once_each() -> None:
+    """A DDP merge re-summarizes gathered traces; flags the estimator attached must not be lost."""
+    from devinterp_lightning.sampling.result import summarize_chains
+
+    g = torch.Generator().manual_seed(0)
+    init = torch.zeros(4, 50)
+    loss = 0.01 + 0.001 * torch.randn(4, 50, generator=g)
+    plain = summarize_chains(loss, init, 100.0, lr=1e-3, localization=1.0)
+    merged = summarize_chains(loss, init, 100.0, lr=1e-3, localization=1.0,
+                              extra_flags=("minibatch_noise", "minibatch_noise"))
+    assert "minibatch_noise" not in plain.flags
+    assert merged.flags == (*plain.flags, "minibatch_noise")
+    assert not merged.healthy

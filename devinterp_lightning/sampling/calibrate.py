@@ -70,7 +70,7 @@ ACCEPTANCE_WITHOUT_BIAS_CHECK = 0.95
 #: Flags that mean "not mixed within the layout" (a smaller lr only makes them worse) and flags
 #: that a smaller lr can cure.
 _MIXING_FLAGS = frozenset({"drifting", "high_rhat"})
-_STEP_FLAGS = frozenset({"diverged", "all_diverged"})
+_STEP_FLAGS = frozenset({"diverged", "all_diverged", "minibatch_noise"})
 #: flags that say w* is not a local minimum of the sampled loss (a slope or a saddle)
 _NOT_A_MINIMUM_FLAGS = frozenset({"negative", "below_init"})
 #: factor by which an automatically chosen localization is raised when the chains slide off w*

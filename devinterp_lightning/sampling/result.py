@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -305,6 +306,11 @@ def health_flags(result: LLCResult) -> tuple[str, ...]:
     - ``"below_init"``: most draws have a lower loss than w*; the snapshot sits on a slope or saddle.
     - ``"drifting"``: the chains have not levelled off by the last draws (burn-in too short, lr too small).
     - ``"high_rhat"``: rank-normalised split R-hat above ``RHAT_LIMIT``; chains disagree or have not mixed.
+
+    The estimator adds two flags that the traces alone cannot show (see docs/estimator.md):
+    ``"minibatch_noise"`` (the predicted stationary inflation from minibatch gradient noise is a
+    sizeable fraction of the estimate: lower ``lr``) and ``"nonfinite_init"`` (the loss at w* itself
+    is NaN or inf).
     """
     return _flags(result.diverged, result.mean, result.frac_below_init, result.drift_z, result.rhat)
 
@@ -335,6 +341,7 @@ def summarize_chains(
     localization: float,
     diverged: Tensor | None = None,
     warn: bool = True,
+    extra_flags: Sequence[str] = (),
 ) -> LLCResult:
     """Turn per-chain loss traces into an :class:`LLCResult`.
 
@@ -346,6 +353,9 @@ def summarize_chains(
         diverged: optional ``[num_chains]`` mask of chains the sampler already found diverging.
             Chains with any non-finite loss are added to it.
         warn: emit a :class:`RuntimeWarning` when chains diverged.
+        extra_flags: flags found outside the traces (the estimator's ``minibatch_noise`` and
+            ``nonfinite_init``), kept after the trace flags; re-summarizing merged traces (DDP)
+            passes the union of the parts' extra flags so none is lost.
     """
     loss_trace = loss_trace.detach().to("cpu", torch.float64)
     init_loss_trace = init_loss_trace.detach().to("cpu", torch.float64)
@@ -399,6 +409,7 @@ def summarize_chains(
             drift_z=_drift_z(good_draws),
         )
     flags = _flags(bad, stats["mean"], stats["frac_below_init"], stats["drift_z"], stats["rhat"])
+    flags = (*flags, *(f for f in dict.fromkeys(extra_flags) if f not in flags))
     return LLCResult(
         per_chain=per_chain.float(), loss_trace=loss_trace.float(), init_loss_trace=init_loss_trace.float(),
         nbeta=float(nbeta), lr=float(lr), localization=float(localization), diverged=bad, flags=flags, **stats,
