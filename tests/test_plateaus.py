@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 from devinterp_lightning.stages.noise import estimate_long_run_noise, smoothing_half_width
-from devinterp_lightning.stages.plateaus import PlateauTracker, changes, despike, detect_transitions, fit_segments
+from devinterp_lightning.stages.plateaus import (
+    PlateauTracker,
+    changes,
+    despike,
+    detect_transitions,
+    fit_segments,
+)
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from bench_stages import ar1, run_cell, shapes  # noqa: E402
@@ -98,3 +104,34 @@ def test_tracker_validates_its_settings():
         PlateauTracker("m", min_size=1)
     with pytest.raises(ValueError, match="max_points"):
         PlateauTracker("m", max_points=4)
+
+
+def test_suite_headline_few_seeds():
+    """30 seeds of the benchmark's cells (benchmarks/bench_stages.py uses the same series).
+
+    Measured with these seeds: rise-10 (A = 8, i.i.d.) exactly one transition in 29 of 30 series,
+    median onset error 3 points; flat AR(1) noise, phi = 0.5: 1 of 30 series with a false transition.
+    The bounds allow one series more either way.
+    """
+    rise = run_cell(SHAPES["rise-10"], 8.0, 0.0, range(30), "plateau")
+    flat = run_cell(SHAPES["flat"], 1.0, 0.5, range(30), "plateau")
+    print(f"rise-10 exact {rise['exact'] * 30:.0f}/30, onset err {rise['onset_err']}; "
+          f"flat phi=0.5 any {flat['any'] * 30:.0f}/30")
+    assert rise["exact"] >= 28 / 30 and rise["recall"] >= 0.85
+    assert rise["onset_err"] <= 4
+    assert flat["any"] <= 2 / 30
+
+
+@pytest.mark.slow
+def test_suite_headline_many_seeds():
+    """100 seeds per cell: the docs/stages.md table (see there for the measured values)."""
+    cells = {
+        ("flat", 1.0, 0.0): None, ("flat", 1.0, 0.5): None, ("rise-10", 8.0, 0.0): None, ("stairs-2", 8.0, 0.0): None,
+    }
+    for name, a, phi in cells:
+        cells[name, a, phi] = run_cell(SHAPES[name], a, phi, range(100), "plateau")
+        print(name, a, phi, cells[name, a, phi])
+    assert cells["flat", 1.0, 0.0]["any"] <= SLOW_FLAT_IID
+    assert cells["flat", 1.0, 0.5]["any"] <= SLOW_FLAT_AR
+    assert cells["rise-10", 8.0, 0.0]["exact"] >= SLOW_RISE
+    assert cells["stairs-2", 8.0, 0.0]["exact"] >= SLOW_STAIRS

@@ -13,7 +13,7 @@ points, ``Var(mean) ~= sigma_lr**2 / m`` with the *long-run* variance
     sigma_lr**2 = sigma**2 * (1 + phi) / (1 - phi).
 
 A first-difference estimate alone sees ``gamma(1) = sigma**2 (1 - phi)``: too small by a factor
-``(1 - phi)`` for the marginal variance and by ``(1 - phi)**2 / (1 + phi)`` for the long-run one (81x at
+``(1 - phi)`` for the marginal variance and by ``(1 - phi)**2 / (1 + phi)`` for the long-run one (45x at
 ``phi = 0.8``), which is why a detector that uses it sees changes in autocorrelated noise.
 """
 

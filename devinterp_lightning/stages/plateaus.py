@@ -5,42 +5,47 @@ The model (Hoogland et al. 2024's definition of a developmental stage): a curve 
 is the period between two transitions; its boundary is the onset of the transition, where the
 plateau before it ends.
 
-**Segmentation.** The series (divided by its long-run noise ``sigma_lr``, see
-:mod:`~devinterp_lightning.stages.noise`) is cut into segments by exact optimal partitioning
-(dynamic programming). Each segment is either *flat* (one level) or a *ramp* (a
+**Noise.** The long-run noise level ``sigma_lr`` (:mod:`~devinterp_lightning.stages.noise`, AR(1))
+is estimated twice per fit: from median-based variograms (robust to the jumps of a step), then from
+the residuals of a first fit, leaving out the pairs of points across its segment boundaries, across
+the previous update's boundaries and across confirmed transitions.
+
+**Segmentation.** The series, divided by ``sigma_lr``, is cut into segments by exact optimal
+partitioning (dynamic programming). Each segment is either *flat* (one level) or a *ramp* (a
 straight line), whichever costs less:
 
-    cost(segment) = min(SSE_flat, SSE_line + z_slope**2)        (in units of sigma_lr**2)
-    total = sum(cost) + penalty_scale * log(n) * (number of segments - 1)
+    cost(segment) = min(SSE_flat, SSE_line + max(z_slope**2, beta))     (in units of sigma_lr**2)
+    total = sum(cost) + beta * (number of segments - 1),   beta = penalty_scale * log(n)
 
-so a segment is a ramp only when its fitted slope has a z-score above ``z_slope`` (the SSE drop of
-the slope, ``slope**2 * Sxx / sigma_lr**2``, is the squared z-score of the slope), and a new
-segment must lower the cost by ``penalty_scale * log(n)``, a BIC-like penalty. Before fitting, lone
-outliers (a point further than ``5 sigma`` from the median of itself and its two neighbours) are
-replaced by that median, which leaves steps and ramps untouched (a monotone triple is its own
-median).
+so a segment is a ramp only when its slope's z-score exceeds ``z_slope`` (the SSE drop of the slope
+is its squared z-score) and the slope pays at least as much as a new segment would (otherwise a
+plateau followed by a jump is fitted as one long ramp from the first point). Lone outliers (further
+than ``5 sigma`` from the median of themselves and their two neighbours) are replaced by that median
+first, which leaves steps and ramps untouched (a monotone triple is its own median).
 
-**Transitions.** Everything between two consecutive flat segments (one or more ramps, or only the
-jump from one level to the next) is one change. A change whose ramps switch sign (a rise then a
-fall with no plateau between: the grokking shape) is split at the peak into two. Each part becomes a
-transition when the difference of the levels on its two sides passes a z-test,
+**Transitions.** A plateau is a flat segment of at least ``min_plateau`` points whose slope has a
+z-score below ``z_plateau``, or a shorter one bounded by two sharp jumps (the first and the last
+segment count when flat; :func:`changes`). Everything between two
+plateaus (ramps, short levels, jumps) is one change; a change whose ramps switch sign (a rise straight
+into a fall) is split at the peak. Each part becomes a transition when the levels on its two sides
+pass a z-test,
 
     |level_after - level_before| >= z_change * sigma_lr * sqrt(v_before + v_after)
 
 where ``v = 1 / m`` for a plateau of ``m`` points (``m`` capped at ``level_points``) and ``v = 4 / m``
 for the fitted end of a ramp of ``m`` points (the end of a fitted line is about twice as uncertain
-as the mean). Its onset is the first point after the plateau (for a part after a peak: the first
+as a mean). Its onset is the first point after the plateau (for a part after a peak: the first
 point after the peak). A change with no plateau and no peak before it (the series, or the
 window, starts inside it) is not a transition: it is part of the first stage. So a steady ramp from
 the first point is one long stage; a ramp that starts after a plateau is one transition at the
 end of that plateau, confirmed once the rise is significant.
 
 **Online use.** :class:`PlateauTracker` refits the last ``max_points`` points at every update
-(cost ``O(max_points**2)`` per update; docs/stages.md has the
-measured time). A transition is *confirmed* once the same onset (within ``jitter`` points,
-same direction) has been found in ``confirm`` consecutive refits; confirmed transitions are never
-retracted, and a later change of the same direction whose extent covers a confirmed onset (within
-``tolerance`` points) is the same transition.
+(cost ``O(max_points**2)`` per update, two fits; docs/stages.md has the measured time). A
+transition is *confirmed* once the same onset (within ``jitter`` points, same direction) has been
+found in ``confirm`` consecutive refits; confirmed transitions are never retracted, and a later
+change of the same direction whose extent covers a confirmed onset (within ``tolerance`` points),
+or that starts less than ``settle`` points after the confirmation, is the same transition.
 """
 
 from __future__ import annotations
@@ -102,6 +107,7 @@ class Change:
     level_before: float
     level_after: float
     z: float
+    sharp_before: bool = False  # the plateau before it is short but bounded by sharp jumps
 
 
 def despike(values: np.ndarray, sigma: float, k: float = 5.0) -> np.ndarray:
@@ -199,15 +205,19 @@ def changes(
     *,
     z_change: float = 3.0,
     level_points: int = 30,
-    min_plateau: int = 10,
+    min_plateau: int = 15,
     z_plateau: float = 3.0,
+    z_sharp: float = 8.0,
 ) -> list[Change]:
     """The significant rises and falls of a segmentation (see the module docstring), in onset order.
 
     A flat segment shorter than ``min_plateau`` points, or whose slope still has a z-score of
     ``z_plateau`` or more (below the ramp threshold, but not flat either), is not a plateau: it is
     part of the change around it (a smooth rise is often fitted as jump, short level, jump). The
-    first and the last segments count as plateaus when flat.
+    first and the last segments count as plateaus when flat. A shorter flat segment (at least
+    ``min_plateau // 3`` points) is a plateau too when the jumps to both neighbours are sharp: each
+    level difference has a z-score of ``z_sharp`` or more (a staircase of sharp steps, as an LLC
+    sampled every few hundred steps shows, rather than the middle of one smooth rise).
     """
     scale = max(float(scale), 1e-12)
     out: list[Change] = []
@@ -215,15 +225,34 @@ def changes(
     k = 0
     segs = list(segments)
 
+    def jump_z(a: Segment, b: Segment) -> float:
+        va = 1.0 / min(a.size, level_points) if a.kind == "flat" else 4.0 / min(a.size, level_points)
+        vb = 1.0 / min(b.size, level_points) if b.kind == "flat" else 4.0 / min(b.size, level_points)
+        return abs(b.first - a.last) / (scale * math.sqrt(va + vb))
+
     def plateau(sg: Segment) -> bool:
         if sg.kind != "flat":
             return False
-        return sg is segs[0] or sg is segs[-1] or (sg.size >= min_plateau and abs(sg.slope_z) < z_plateau)
+        if sg is segs[0] or sg is segs[-1]:
+            return True
+        if abs(sg.slope_z) >= z_plateau:
+            return False
+        if sg.size >= min_plateau:
+            return True
+        return sg.size >= max(min_plateau // 3, 2) and sharp(sg)
+
+    def sharp(sg: Segment) -> bool:
+        i = segs.index(sg)
+        if i == 0 or i == len(segs) - 1:
+            return False
+        return min(jump_z(segs[i - 1], sg), jump_z(sg, segs[i + 1])) >= z_sharp
 
     prev: tuple[float, float] | None = None
+    prev_sharp = False
     while k < len(segs):
         if plateau(segs[k]):
             prev = (segs[k].first, 1.0 / min(segs[k].size, level_points))
+            prev_sharp = sharp(segs[k])
             k += 1
             continue
         # a run of ramps, up to the next flat segment (or the end)
@@ -252,10 +281,12 @@ def changes(
                 tail = part[-1]
                 end_level, v_end, end = tail.last, 4.0 / min(tail.size, level_points), tail.end
             if prev is not None:
-                _add(out, part[0].start, end, prev, (end_level, v_end), scale, z_change)
+                _add(out, part[0].start, end, prev, (end_level, v_end), scale, z_change, prev_sharp)
             prev = (part[-1].last, 4.0 / min(part[-1].size, level_points))
+            prev_sharp = False
         if after_flat is not None:
             prev = (after_flat.first, 1.0 / min(after_flat.size, level_points))
+            prev_sharp = sharp(after_flat)
             k = j + 1
         else:
             k = j
@@ -263,17 +294,17 @@ def changes(
     for a, b in zip(segs, segs[1:], strict=False):
         if plateau(a) and plateau(b):
             _add(out, b.start, b.start, (a.first, 1.0 / min(a.size, level_points)),
-                 (b.first, 1.0 / min(b.size, level_points)), scale, z_change)
+                 (b.first, 1.0 / min(b.size, level_points)), scale, z_change, sharp(a))
     out.sort(key=lambda c: c.onset)
     return out
 
 
 def _add(out: list[Change], onset: int, end: int, before: tuple[float, float], after: tuple[float, float],
-         scale: float, z_change: float) -> None:
+         scale: float, z_change: float, sharp_before: bool) -> None:
     delta = after[0] - before[0]
     z = abs(delta) / (scale * math.sqrt(before[1] + after[1]))
     if z >= z_change:
-        out.append(Change(onset, end, "increase" if delta > 0 else "decrease", before[0], after[0], z))
+        out.append(Change(onset, end, "increase" if delta > 0 else "decrease", before[0], after[0], z, sharp_before))
 
 
 @dataclass
@@ -302,7 +333,8 @@ class PlateauTracker(Tracker):
         min_size: minimum number of points of a segment.
         min_plateau: a flat segment shorter than this is part of the change around it, not a plateau.
         settle: a change in the same direction that starts less than this many points after a
-            transition was confirmed is that transition again (a wide rise first fitted as two jumps).
+            transition was confirmed is that transition again (a wide rise first fitted as two jumps),
+            unless the level between them is bounded by sharp jumps.
         confirm: consecutive refits that must find the same onset (within ``jitter`` points, same
             direction) before the transition is reported.
         jitter: how far (points) an onset may move between refits and still count as seen again.
@@ -325,8 +357,8 @@ class PlateauTracker(Tracker):
         z_slope: float = 3.0,
         z_change: float = 3.0,
         min_size: int = 3,
-        min_plateau: int = 10,
-        settle: int = 3,
+        min_plateau: int = 15,
+        settle: int = 15,
         confirm: int = 3,
         jitter: int = 2,
         tolerance: int = 3,
@@ -397,13 +429,16 @@ class PlateauTracker(Tracker):
         """Whether ``c`` is a confirmed transition seen again: an onset within ``tolerance`` points;
         or the same direction with the confirmed onset inside ``c``'s extent; or the same direction
         starting less than ``settle`` points after that transition was confirmed (a wide rise is often
-        first fitted as a jump to a short level, then as another jump)."""
+        first fitted as a jump to a short level, then as another jump), unless the level between
+        them is bounded by sharp jumps (see :func:`changes`)."""
         onset = c.onset + start
         lo, hi = onset - self.tolerance, c.end + start + self.tolerance
         for k in self._confirmed:
             if abs(k.onset - onset) <= self.tolerance:
                 return True
-            if k.direction == c.direction and (lo <= k.onset <= hi or k.onset <= onset < k.at + self.settle):
+            if k.direction == c.direction and lo <= k.onset <= hi:
+                return True
+            if k.direction == c.direction and not c.sharp_before and k.onset <= onset < k.at + self.settle:
                 return True
         return False
 
