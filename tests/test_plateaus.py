@@ -27,6 +27,14 @@ from bench_stages import ar1, run_cell, shapes  # noqa: E402
 
 SHAPES = {s.name: s for s in shapes()}
 
+# bounds of the slow test, from the 100-seed benchmark (docs/stages.md), two series of room each:
+# measured false alarms 0/100 (i.i.d.) and 2/100 (AR(1), phi = 0.5); exactly one transition on
+# rise-10 in 100/100, exactly two on stairs-2 in 97/100
+SLOW_FLAT_IID = 0.02
+SLOW_FLAT_AR = 0.04
+SLOW_RISE = 0.98
+SLOW_STAIRS = 0.95
+
 
 def test_smoothing_half_width_formula():
     assert [smoothing_half_width(s) for s in (0.0, -1.0, 0.3, 0.7, 1.0, 2.5)] == [2, 2, 2, 3, 3, 8]
