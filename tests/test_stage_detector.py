@@ -311,3 +311,11 @@ def test_ddp_halt_is_reduced_across_ranks(tmp_path):
     assert r1["transitions"] == [] and r1["fired"] == []  # rank 1 saw nothing ...
     assert r0["step"] == r1["step"] == r0["fired"][0] < 200  # ... yet stopped at rank 0's step
     assert os.listdir(tmp_path / "ckpts") == [f"stop-step={r0['step']}.ckpt"]
+
+
+def test_previous_binseg_model_is_still_available(tmp_path):
+    det = StageDetector(monitor="llc/mean", method="binseg", penalty_scale=6.0)
+    make_trainer(tmp_path, [FakeProbe(jump_at=60), det]).fit(TinyModule())
+    assert [(t.direction, abs(t.changepoint_step - 60) <= 2) for t in det.transitions] == [("increase", True)]
+    with pytest.raises(ValueError, match="unknown method 'l2'"):
+        StageDetector(method="l2")
