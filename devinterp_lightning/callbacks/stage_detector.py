@@ -395,6 +395,7 @@ class StageDetector(Callback):
             "adopted": {k: [dict(i) for i in ids] for k, ids in self._adopted.items()},
             "rules": self.engine.state_dict(),
             "skipped": {k: dict(c) for k, c in self._skipped.items()},
+            "index_logged": dict(self._index_logged),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -414,6 +415,7 @@ class StageDetector(Callback):
             if k in self._adopted:
                 self._adopted[k] = {tuple(sorted(i.items())) for i in ids}
         self.engine.load_state_dict(state_dict["rules"])
+        self._index_logged = {k: int(v) for k, v in state_dict.get("index_logged", {}).items()}
         for k, counts in state_dict.get("skipped", {}).items():
             if k in self._skipped:
                 self._skipped[k] = Counter({str(r): int(n) for r, n in counts.items()})
