@@ -57,6 +57,27 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+_NUMERIC_FIELDS = ("min_change", "threshold", "hysteresis", "after_step")
+
+
+def _coerce_numbers(d: Mapping[str, Any]) -> dict[str, Any]:
+    """Numbers written as strings become numbers: YAML 1.1 (PyYAML) reads ``1.5e3`` (no dot in the
+    mantissa) and ``1_500`` as strings. ``after_step`` also accepts a float with an integral value
+    (``1.5e3`` -> 1500). Anything that is not a number is left as it is, for the check to report."""
+    out = dict(d)
+    for key in _NUMERIC_FIELDS:
+        v = out.get(key)
+        if isinstance(v, str):
+            try:
+                v = float(v.strip().replace("_", ""))
+            except ValueError:
+                continue
+            out[key] = v
+        if key == "after_step" and isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            out[key] = int(v)
+    return out
+
+
 @dataclass(frozen=True)
 class AlertRule:
     """One alert rule (see the module docstring and docs/rules.md for the semantics).
@@ -77,7 +98,10 @@ class AlertRule:
 
     def __post_init__(self) -> None:
         rule = repr(self.name) if isinstance(self.name, str) and self.name else None
-        _check_rule_fields(asdict(self), rule or "(unnamed)")
+        fields = _coerce_numbers(asdict(self))
+        for key in _NUMERIC_FIELDS:
+            object.__setattr__(self, key, fields[key])
+        _check_rule_fields(fields, rule or "(unnamed)")
         object.__setattr__(self, "actions", tuple(self.actions))
         object.__setattr__(self, "min_change", float(self.min_change))
         object.__setattr__(self, "hysteresis", float(self.hysteresis))
@@ -139,7 +163,7 @@ def _check_rule_fields(d: Mapping[str, Any], rule: str) -> None:
                 fail(key, f"only applies to when: transition; remove it or change 'when' (is {when!r})")
     after = d.get("after_step", 0)
     if not isinstance(after, int) or isinstance(after, bool) or after < 0:
-        fail("after_step", f"must be an integer >= 0, got {after!r}")
+        fail("after_step", f"must be an integer >= 0 (a step count such as 1500 or 1.5e3), got {after!r}")
     actions = d.get("actions")
     if isinstance(actions, str) or not isinstance(actions, (list, tuple)):
         fail("actions", f"must be a list of actions such as [log, halt], got {actions!r}")
@@ -183,6 +207,7 @@ def parse_rules(data: Any, *, source: str = "rules") -> list[AlertRule]:
         for key in ("name", "monitor", "actions"):
             if key not in item:
                 raise RuleConfigError("missing (required)", rule=label, field=key)
+        item = _coerce_numbers(item)
         _check_rule_fields(item, label)
         if item["name"] in names:
             raise RuleConfigError(f"duplicate name {item['name']!r}; rule names must be unique", rule=label,

@@ -149,3 +149,19 @@ def test_rules_module_does_not_import_lightning():
             "devinterp_lightning.stages.turning_points, devinterp_lightning.stages.segments; "
             "assert not any(m.startswith(('lightning', 'pytorch_lightning')) for m in sys.modules), 'lightning imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("text, value", [("1.5e3", 1500), ("1_500", 1500), ("'1500'", 1500), ("2e2", 200)])
+def test_after_step_written_as_yaml_1_1_string_is_accepted(text, value):
+    # PyYAML (YAML 1.1) reads 1.5e3 and 1_500 as strings; they are step counts all the same (issue #15 item 8)
+    (rule,) = loads_rules(f"rules:\n  - name: a\n    monitor: m\n    after_step: {text}\n    actions: [log]\n")
+    assert rule.after_step == value and isinstance(rule.after_step, int)
+
+
+def test_numeric_strings_for_threshold_and_errors_that_say_how_to_write_them():
+    (rule,) = loads_rules("rules:\n  - name: a\n    monitor: m\n    when: above\n    threshold: 1e1\n"
+                          "    hysteresis: 5e-1\n    actions: [log]\n")
+    assert (rule.threshold, rule.hysteresis) == (10.0, 0.5)
+    assert AlertRule(name="a", monitor="m", after_step=1.5e3, actions=["log"]).after_step == 1500
+    with pytest.raises(RuleConfigError, match=r"'after_step': must be an integer >= 0 \(a step count such as 1500"):
+        loads_rules("rules:\n  - name: a\n    monitor: m\n    after_step: soon\n    actions: [log]\n")

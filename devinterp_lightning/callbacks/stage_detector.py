@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections import Counter
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -17,18 +18,23 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from devinterp_lightning import tags
 from devinterp_lightning.interfaces import series_providers, transition_publishers
-from devinterp_lightning.logging.tensorboard import TensorBoardStageSink, band_metrics, stage_index_key
+from devinterp_lightning.logging.tensorboard import TensorBoardStageSink, band_metrics
 from devinterp_lightning.rules import AlertRule, Firing, RuleEngine, coerce_rules
 from devinterp_lightning.series import SeriesPoint, SeriesStore
-from devinterp_lightning.stages.changepoints import ChangepointTracker, Method
+from devinterp_lightning.stages.base import Tracker
+from devinterp_lightning.stages.changepoints import ChangepointTracker
 from devinterp_lightning.stages.events import Stage, Transition
+from devinterp_lightning.stages.plateaus import PlateauTracker
 from devinterp_lightning.stages.segments import build_stages, stage_index_at
 from devinterp_lightning.stages.turning_points import TurningPointTracker
 
 log = logging.getLogger(__name__)
 
 StageBoundaries = Literal["auto", "changepoint", "turning_point", "any"]
+StageMethod = Literal["plateau", "binseg", "pelt", "bottomup"]
+METHODS = ("plateau", "binseg", "pelt", "bottomup")
 
 
 def _probes(trainer: pl.Trainer) -> list[Any]:
@@ -45,10 +51,10 @@ class StageDetector(Callback):
     Where points come from, per watched key (see docs/stages.md):
 
     * a *probe*: a callback with a ``history: SeriesStore`` holding the key (``LLCMonitor``). Each new
-      point is taken with its ``stderr`` as the noise level; points with health flags are skipped
-      when ``ignore_flagged``;
+      point is taken with its ``stderr`` as a lower bound on the noise; points with health flags are
+      skipped when ``ignore_flagged``;
     * otherwise ``trainer.callback_metrics[key]``, read every ``every_n_steps`` optimizer steps (for a
-      metric logged every step such as the loss);
+      metric logged every step such as the loss; default: the trainer's ``log_every_n_steps``);
     * transitions published by any callback's ``published_transitions(key)`` are adopted as they are.
 
     Args:
@@ -57,11 +63,16 @@ class StageDetector(Callback):
             Rules may name other monitors; those are watched too.
         checkpoint_dir: where ``checkpoint`` actions save ``<rule>-step=<step>.ckpt``; default
             ``<trainer.default_root_dir>/stage_checkpoints``.
-        every_n_steps: sampling interval for keys no probe provides (``None``: probes only).
+        every_n_steps: sampling interval for keys no probe provides (``None``: the trainer's
+            ``log_every_n_steps``, the interval at which Lightning logs such metrics).
         ignore_flagged: skip probe points whose ``flags`` are non-empty (unhealthy estimates).
-        penalty_scale, min_size, confirm, method, max_points: changepoint settings
+        method: ``"plateau"`` (default): transitions between plateaus, one per rise or fall
+            (:class:`~devinterp_lightning.stages.plateaus.PlateauTracker`); ``"binseg"``, ``"pelt"``,
+            ``"bottomup"``: shifts of a piecewise-constant mean with ruptures
             (:class:`~devinterp_lightning.stages.changepoints.ChangepointTracker`).
-        turning_points: also report turning points (slope sign changes).
+        penalty_scale, min_size, confirm, max_points: settings of that tracker (``None``: its default).
+        turning_points: also report turning points (slope sign changes). Off by default: their
+            false-alarm rate on autocorrelated noise is above 5% (docs/stages.md).
         turning_window, turning_z: turning-point settings
             (:class:`~devinterp_lightning.stages.turning_points.TurningPointTracker`).
         stage_boundaries: which transitions split stages: ``"auto"`` (changepoints; for a key that
@@ -71,29 +82,32 @@ class StageDetector(Callback):
 
     def __init__(
         self,
-        monitor: str = "llc/mean",
+        monitor: str = tags.LLC_MEAN,
         rules: str | list[AlertRule] | None = None,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         *,
         every_n_steps: int | None = None,
         ignore_flagged: bool = True,
-        penalty_scale: float = 6.0,
-        min_size: int = 3,
+        method: StageMethod = "plateau",
+        penalty_scale: float | None = None,
+        min_size: int | None = None,
         confirm: int = 3,
-        method: Method = "binseg",
-        max_points: int = 1000,
-        turning_points: bool = True,
+        max_points: int | None = None,
+        turning_points: bool = False,
         turning_window: int = 8,
         turning_z: float = 3.0,
         stage_boundaries: StageBoundaries = "auto",
         images: bool = True,
     ) -> None:
+        super().__init__()
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"StageDetector: monitor must be a non-empty metric name, got {monitor!r}")
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise ValueError(f"StageDetector: every_n_steps must be a positive int or None, got {every_n_steps!r}")
         if stage_boundaries not in ("auto", "changepoint", "turning_point", "any"):
             raise ValueError(f"StageDetector: unknown stage_boundaries {stage_boundaries!r}")
+        if method not in METHODS:
+            raise ValueError(f"StageDetector: unknown method {method!r}; use one of {', '.join(METHODS)}")
         self.monitor = monitor
         self.rules: list[AlertRule] = coerce_rules(rules)  # raises RuleConfigError now, not mid-run
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
@@ -101,12 +115,12 @@ class StageDetector(Callback):
         self.ignore_flagged = ignore_flagged
         self.stage_boundaries = stage_boundaries
         self.images = images
+        self.method: StageMethod = method
         self.keys: list[str] = list(dict.fromkeys([monitor, *(r.monitor for r in self.rules)]))
-        self._cp = {
-            k: ChangepointTracker(k, penalty_scale=penalty_scale, min_size=min_size, confirm=confirm,
-                                  method=method, max_points=max_points)
-            for k in self.keys
-        }
+        settings = {"penalty_scale": penalty_scale, "min_size": min_size, "confirm": confirm,
+                    "max_points": max_points}
+        settings = {k: v for k, v in settings.items() if v is not None}
+        self._cp: dict[str, Tracker] = {k: self._make_tracker(k, settings) for k in self.keys}
         self._tp = {k: TurningPointTracker(k, window=turning_window, z=turning_z) for k in self.keys} \
             if turning_points else {}
         self.engine = RuleEngine(self.rules)
@@ -114,12 +128,19 @@ class StageDetector(Callback):
         self._transitions: dict[str, list[Transition]] = {k: [] for k in self.keys}
         self._adopted: dict[str, set[tuple[Any, ...]]] = {k: set() for k in self.keys}
         self._last_step: dict[str, int] = {}
+        self._index_logged: dict[str, int] = {}  # last step whose stage index went to the loggers
+        self._skipped: dict[str, Counter[str]] = {k: Counter() for k in self.keys}
         self._ckpt_rules = [r for r in self.rules if "checkpoint" in r.actions]
         self._halt = any("halt" in r.actions for r in self.rules)
         self._sink = TensorBoardStageSink([])
         self._pending_ckpt: set[str] = set()
         self._pending_halt: list[Firing] = []
         self.halted_by: Firing | None = None
+
+    def _make_tracker(self, key: str, settings: dict[str, Any]) -> Tracker:
+        if self.method == "plateau":
+            return PlateauTracker(key, **settings)
+        return ChangepointTracker(key, method=self.method, **settings)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -162,61 +183,68 @@ class StageDetector(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        probes = _probes(trainer)
         if self.every_n_steps is None:
-            for key in self.keys:
-                if not self._maybe_provided(key, probes, _publishers(trainer)):
-                    who = [k for r in self.rules if r.monitor == key for k in [r.name]]
-                    raise ValueError(
-                        f"StageDetector: no probe callback provides {key!r}"
-                        + (f" (named by rule(s) {who})" if who else "")
-                        + f"; pass every_n_steps=N to sample trainer.callback_metrics[{key!r}] every N "
-                        "steps (e.g. for a loss logged each step), or add the callback that logs it "
-                        "(LLCMonitor for llc/... keys)."
-                    )
+            # keys no probe provides are read from callback_metrics at Lightning's logging interval
+            self._sample_every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 1))
+        else:
+            self._sample_every = self.every_n_steps
         if self.checkpoint_dir is None:
             self.checkpoint_dir = os.path.join(trainer.default_root_dir, "stage_checkpoints")
         self._sink = TensorBoardStageSink(
             lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)
         ) if trainer.is_global_zero else TensorBoardStageSink([])
 
-    @staticmethod
-    def _maybe_provided(key: str, probes: list[Any], publishers: list[Any]) -> bool:
-        for cb in probes:
-            if key in cb.history:
-                return True
-            declared = getattr(cb, "monitor_keys", None)
-            if not callable(declared) or key in declared():
-                # a probe that does not declare its keys may still log this one: warn at the end instead
-                return True
-        return any(not callable(getattr(cb, "monitor_keys", None)) for cb in publishers)
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._should_skip(trainer):
+            return
         self._sink.write_layout(self.monitor)
+
+    @staticmethod
+    def _should_skip(trainer: pl.Trainer) -> bool:
+        """Lightning's ``EarlyStopping`` guard: nothing during the sanity check, and nothing in a
+        ``fast_dev_run`` (a smoke test must not save checkpoints or stop on a transition)."""
+        return bool(trainer.sanity_checking or trainer.fast_dev_run)
 
     # ------------------------------------------------------------------ the loop
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
+        if self._should_skip(trainer):
+            return
         self._poll(trainer)
         self._act(trainer, allow_halt=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._should_skip(trainer):
+            return
         self._poll(trainer)
         self._act(trainer, allow_halt=False)
         if self.images:
             for key in self.keys:
                 self._write_curve(key, trainer.global_step)
         self._sink.flush()
-        missing = [k for k in self.keys if not self.series.get(k) and not self._transitions[k]]
-        for key in missing:
-            names = [r.name for r in self.rules if r.monitor == key]
-            rank_zero_warn(
-                f"StageDetector: {key!r} never appeared during training"
-                + (f", so rule(s) {names} never applied" if names else "")
-                + ". Check the metric name (trainer.callback_metrics has "
-                + f"{sorted(trainer.callback_metrics)[:10]}) and that its probe runs.",
-                category=UserWarning,
-            )
+        for key in self.keys:
+            message = self.missing_message(key, sorted(trainer.callback_metrics))
+            if message is not None:
+                rank_zero_warn(message, category=UserWarning)
+
+    def missing_message(self, key: str, metric_names: list[str] | None = None) -> str | None:
+        """Why ``key`` has no point and no transition (``None`` when it has some): every point was
+        skipped (flagged or not finite), or it never appeared at all."""
+        if self.series.get(key) or self._transitions[key]:
+            return None
+        names = [r.name for r in self.rules if r.monitor == key]
+        rules = f"; rule(s) {names} never applied" if names else ""
+        skipped = self._skipped[key]
+        total = sum(skipped.values())
+        if total:
+            counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+            return (f"StageDetector: all {total} points of {key!r} were skipped as flagged or not finite "
+                    f"({counts}){rules}, so no stage could be detected. See docs/troubleshooting.md "
+                    "(\"Every point was flagged\") for what each flag means and how to get healthy estimates; "
+                    "ignore_flagged=False keeps flagged points.")
+        have = "" if metric_names is None else f" (trainer.callback_metrics has {metric_names[:10]})"
+        return (f"StageDetector: {key!r} never appeared during training{rules}. Check the metric name{have} "
+                "and that its probe runs.")
 
     def _poll(self, trainer: pl.Trainer) -> None:
         step = trainer.global_step
@@ -236,9 +264,9 @@ class StageDetector(Callback):
         for cb in probes:
             if key in cb.history:
                 return [p for p in cb.history[key] if p.step > last]
-        n = self.every_n_steps
+        n = getattr(self, "_sample_every", self.every_n_steps or 1)
         step = trainer.global_step
-        if n is None or step % n != 0 or step <= last or key not in trainer.callback_metrics:
+        if step % n != 0 or step <= last or key not in trainer.callback_metrics:
             return []
         value = float(trainer.callback_metrics[key])
         return [SeriesPoint(step=step, value=value)]
@@ -248,8 +276,10 @@ class StageDetector(Callback):
         if p.flags:
             self._sink.write_flagged(key, p.step, p.value, p.std, p.flags)
         if self.ignore_flagged and p.flags:
+            self._skipped[key].update(p.flags)
             return
         if not math.isfinite(p.value):
+            self._skipped[key]["not finite"] += 1
             return
         self.series.append(key, p)
         pts = self.series[key]
@@ -263,10 +293,11 @@ class StageDetector(Callback):
             self._on_transition(trainer, t, step)
         for f in self.engine.on_point(key, p.step, p.value, step):
             self._on_firing(trainer, f)
-        metrics = {stage_index_key(key, self.monitor): float(stage_index_at(self.stages_for(key), p.step))}
+        metrics = {tags.stage_index_key(key, self.monitor): float(stage_index_at(self.stages_for(key), p.step))}
         metrics.update(band_metrics(key, p.value, p.std))
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=p.step)
+        self._index_logged[key] = p.step
 
     def _on_transition(self, trainer: pl.Trainer, t: Transition, step: int) -> None:
         self._transitions[t.monitor].append(t)
@@ -277,11 +308,24 @@ class StageDetector(Callback):
                 t.kind, t.direction, t.monitor, t.changepoint_step, t.level_before, t.level_after, t.step,
                 t.detection_delay,
             )
-        self._sink.write_transition(t, step, stages[-1].index if stages else None)
+        if any(b is t for b in self._boundaries(t.monitor)):
+            self._relog_index_from_onset(trainer, t.monitor, t.changepoint_step, stages)
+        self._sink.write_transition(t, step, stage_index_at(stages, t.changepoint_step) if stages else None)
         if self.images:
             self._write_curve(t.monitor, step)
         for f in self.engine.on_transition(t, step):
             self._on_firing(trainer, f)
+
+    def _relog_index_from_onset(self, trainer: pl.Trainer, key: str, onset: int, stages: list[Stage]) -> None:
+        """Write the stage index again, with the new boundary, at every step from the onset on that
+        was already logged (docs/tensorboard.md): TensorBoard replaces a series' points from the
+        first step that goes back, so the chart switches at the onset, not at the confirmation."""
+        name = tags.stage_index_key(key, self.monitor)
+        last = self._index_logged.get(key, -1)
+        points = [q for q in self.series.get(key) if onset <= q.step <= last]
+        for q in points:
+            for lg in trainer.loggers:
+                lg.log_metrics({name: float(stage_index_at(stages, q.step))}, step=q.step)
 
     def _on_firing(self, trainer: pl.Trainer, f: Firing) -> None:
         text = f.describe()
@@ -294,6 +338,13 @@ class StageDetector(Callback):
         if "halt" in f.rule.actions:
             self._pending_halt.append(f)
 
+    def decide_halt(self) -> tuple[bool, str | None]:
+        """The pure decision step (Lightning ``EarlyStopping`` style): whether a rule asked this rank
+        to halt since the last batch, and why. No collective call, no side effect."""
+        if not self._pending_halt:
+            return False, None
+        return True, self._pending_halt[0].describe()
+
     def _act(self, trainer: pl.Trainer, *, allow_halt: bool) -> None:
         # Every rank runs the same collectives in the same order, whatever it saw locally.
         strategy = trainer.strategy
@@ -305,16 +356,20 @@ class StageDetector(Callback):
                 )
         self._pending_ckpt.clear()
         if self._halt and allow_halt:
-            local = bool(self._pending_halt)
-            if strategy.reduce_boolean_decision(local, all=False):
-                if self._pending_halt:
-                    self.halted_by = self._pending_halt[0]
-                if trainer.is_global_zero:
-                    log.warning("StageDetector: halting training at step %d (%s)", trainer.global_step,
-                                self.halted_by.describe() if self.halted_by else "a rule fired on another rank")
-                self._flush(trainer)
-                trainer.should_stop = True
+            should_stop, reason = self.decide_halt()
+            if strategy.reduce_boolean_decision(should_stop, all=False):
+                self._stop(trainer, reason)
             self._pending_halt.clear()
+
+    def _stop(self, trainer: pl.Trainer, reason: str | None) -> None:
+        """The act step: record who stopped training, flush the loggers, set ``should_stop``."""
+        if self._pending_halt:
+            self.halted_by = self._pending_halt[0]
+        if trainer.is_global_zero:
+            log.warning("StageDetector: halting training at step %d (%s)", trainer.global_step,
+                        reason or "a rule fired on another rank")
+        self._flush(trainer)
+        trainer.should_stop = True
 
     def _flush(self, trainer: pl.Trainer) -> None:
         self._sink.flush()
@@ -341,6 +396,8 @@ class StageDetector(Callback):
             "transitions": {k: [t.to_dict() for t in ts] for k, ts in self._transitions.items()},
             "adopted": {k: [dict(i) for i in ids] for k, ids in self._adopted.items()},
             "rules": self.engine.state_dict(),
+            "skipped": {k: dict(c) for k, c in self._skipped.items()},
+            "index_logged": dict(self._index_logged),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -360,3 +417,7 @@ class StageDetector(Callback):
             if k in self._adopted:
                 self._adopted[k] = {tuple(sorted(i.items())) for i in ids}
         self.engine.load_state_dict(state_dict["rules"])
+        self._index_logged = {k: int(v) for k, v in state_dict.get("index_logged", {}).items()}
+        for k, counts in state_dict.get("skipped", {}).items():
+            if k in self._skipped:
+                self._skipped[k] = Counter({str(r): int(n) for r, n in counts.items()})

@@ -3,7 +3,9 @@
 TensorBoard cannot draw vertical lines on a scalar chart, so a stage is shown four ways:
 
 * ``stage/index`` (``stage/<monitor>/index`` for other monitors): a step-function scalar, sent to
-  every logger (CSV included);
+  every logger (CSV included); when a transition is confirmed the StageDetector writes it again from
+  the onset on, so that TensorBoard (which drops a tag's points from a step written again) shows
+  the switch at the onset (docs/tensorboard.md);
 * ``<monitor>_lower`` / ``<monitor>_upper``: ``mean -+ std`` of each point, also to every logger;
 * a text entry per transition (``stages/<monitor>``, a small Markdown table) and per fired rule
   (``rules/<name>``), for people; next to each, a structured JSON record for programs
