@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from devinterp_lightning.stages.noise import smoothing_half_width
+
 __all__ = [
     "IncrementalPCA",
     "PlanarGeometry",
@@ -286,11 +288,10 @@ class IncrementalPCA:
 # --------------------------------------------------------------------------------------------------
 # Planar curve geometry
 # --------------------------------------------------------------------------------------------------
-def window_half_width(sigma: float) -> int:
-    """Half-width, in points, of every window tied to the bandwidth ``sigma``: the support of the
-    local fit, the window over which a net turn is measured (wide enough to contain a smoothed
-    corner) and the levels around a turn. ``max(2, ceil(3 sigma))``; 2 when ``sigma <= 0``."""
-    return max(2, math.ceil(3 * sigma)) if sigma > 0 else 2
+#: Half-width, in points, of every window tied to the bandwidth ``sigma``: the support of the local
+#: fit, the window over which a net turn is measured (wide enough to contain a smoothed corner) and
+#: the levels around a turn. The one formula, ``max(2, ceil(3 sigma))``, lives in ``stages.noise``.
+window_half_width = smoothing_half_width
 
 
 def smooth_derivatives(y: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
