@@ -63,8 +63,9 @@ BIGRAM_TEMPERATURE = 1.0
 #: sequences in the LLC probe batch (each with 31 predicted tokens)
 PROBE_SEQUENCES = 32
 # SGLD on the probe batch. nbeta is fixed, so the full, per-head and data-restricted estimates are
-# sampled at one temperature and can be compared with each other.
-LLC_SETTINGS = dict(lr=3e-4, localization=300.0, nbeta=50.0, num_chains=4, num_draws=30, num_burnin_steps=10)
+# sampled at one temperature and can be compared with each other. lr * localization = 0.1: the pull
+# to w* relaxes within ~20 SGLD steps, so 10 burn-in + 30 draws reach it.
+LLC_SETTINGS = dict(lr=1e-3, localization=100.0, nbeta=50.0, num_chains=4, num_draws=30, num_burnin_steps=10)
 
 
 def bigram_chain(vocab: int = VOCAB, temperature: float = BIGRAM_TEMPERATURE, seed: int = 0) -> Tensor:

@@ -11,6 +11,7 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,3 +101,100 @@ def test_induction_short_run(tmp_path: Path) -> None:
     # the bigram stage is under way: the loss falls from ~log(64) = 4.16
     assert out["curve"]["loss/all"][0] > 4.0 and out["curve"]["loss/all"][-1] < out["curve"]["loss/all"][0] - 0.2
     assert list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def icl_headline(out: dict) -> dict:
+    """The measured quantities the slow ICL test checks (also used to set its margins)."""
+    llc, ms = out["llc"], out["milestones"]
+    steps, values = llc["steps"], llc["all"]
+    half = ms["icl_half"]
+    # the steepest rise of the LLC between consecutive estimates (its midpoint); the estimate at
+    # initialization is left out (negative: w* is nowhere near a minimum there)
+    rises = [(values[i + 1] - values[i], (steps[i] + steps[i + 1]) / 2) for i in range(1, len(steps) - 1)]
+    steepest = max(rises)[1]
+    before = [v for s, v in zip(steps, values, strict=True) if 0 < s <= ms["pred_norm_min"] + 50]
+    after = [v for s, v in zip(steps, values, strict=True) if s >= half + 100] if half is not None else []
+    rise_onsets = [t["changepoint_step"] for t in out["transitions"] if t["direction"] == "increase"]
+    # where the LLC rise is half done: the first estimate after the prediction-norm minimum that
+    # reaches the midpoint of the levels before and after
+    mid = (sum(before) / len(before) + sum(after) / len(after)) / 2 if before and after else float("nan")
+    half_rise = next((s for s, v in zip(steps, values, strict=True) if s > ms["pred_norm_min"] and v >= mid), None)
+    return {
+        "llc_half_rise": half_rise,
+        "llc_half_rise_minus_icl_half": None if half_rise is None or half is None else half_rise - half,
+        "icl_half": half, "final_icl": out["final"]["icl/score"], "pred_norm_min": ms["pred_norm_min"],
+        "steepest_rise_mid": steepest, "steepest_minus_half": None if half is None else steepest - half,
+        "llc_before": sum(before) / len(before) if before else float("nan"),
+        "llc_after": sum(after) / len(after) if after else float("nan"),
+        "rise_onsets_minus_half": [s - half for s in rise_onsets] if half is not None else [],
+        "final_loss_over_ridge": out["final"]["icl/loss"] / out["final"]["icl/ridge_loss"],
+    }
+
+
+def induction_headline(out: dict) -> dict:
+    """The measured quantities the slow induction test checks (also used to set its margins)."""
+    llc, ms, final = out["llc"], out["milestones"], out["final"]
+    steps = llc["steps"]
+    ind, prev = out["induction_head"], out["prev_token_head"]
+    m = ms["induction_0.5"]
+
+    def mean_over(name: str, lo: float, hi: float) -> float:
+        pts = [v for s, v in zip(steps, llc[name], strict=True) if lo <= s <= hi]
+        return sum(pts) / len(pts) if pts else float("nan")
+
+    heads = [h for h in HEADS]
+    rise = {h: mean_over(h, m + 200, 10**9) - mean_over(h, 1, m - 200) for h in heads} if m is not None else {}
+    others1 = [rise[h] for h in heads if h.startswith("l1.") and h != ind]
+    others0 = [rise[h] for h in heads if h.startswith("l0.") and h != prev]
+    return {
+        "induction_0.5": m, "prev_token_0.5": ms["prev_token_0.5"], "icl_half": ms["icl_half"],
+        "induction_head": ind, "prev_token_head": prev,
+        "final_induction": final[f"heads/induction/{ind}"], "final_prev": final[f"heads/prev/{prev}"],
+        "second_induction": sorted(final[f"heads/induction/{h}"] for h in heads if h.startswith("l1."))[-2],
+        "rise": rise,
+        "rise_ind_minus_other_l1": (rise[ind] - max(others1)) if rise else None,
+        "rise_prev_minus_other_l0": (rise[prev] - max(others0)) if rise else None,
+        "rise_onsets": [t["changepoint_step"] for t in out["transitions"] if t["direction"] == "increase"],
+    }
+
+
+@pytest.mark.slow
+def test_icl_full_run_llc_rises_with_in_context_learning(tmp_path: Path) -> None:
+    """Measured on seeds 0 / 1 / 2 (default settings; docs/examples.md has the tables):
+
+    prediction-norm minimum at step 75 / 75 / 75; final ICL score -1.56 / -1.64 / -1.31; ICL score
+    half-way at 275 / 400 / 375; LLC over steps 50-125 -> from ICL-half + 100 on: 12.9 -> 55.3,
+    20.8 -> 46.6, 17.5 -> 44.0 (x4.3 / x2.2 / x2.5); the LLC is half-way up at 350 / 400 / 400,
+    +75 / 0 / +25 steps from the ICL milestone. The StageDetector reported no transition in any
+    seed (the early estimates are flagged high_rhat and skipped), so this test does not ask for one.
+    """
+    from examples import in_context_linear_regression as icl
+
+    h = icl_headline(icl.main(["--logdir", str(tmp_path), "--quiet"]))
+    # LR1 then LR2: the predictions shrink to the prior mean first, then the context starts to help
+    assert h["pred_norm_min"] is not None and h["pred_norm_min"] <= 150
+    assert h["final_icl"] < -1.0
+    assert h["icl_half"] is not None and h["pred_norm_min"] < h["icl_half"] <= 450
+    # the LLC grows with in-context learning ...
+    assert h["llc_after"] > 1.8 * h["llc_before"]
+    # ... and the LLC's rise is half done close to where the ICL score is half way to its final value
+    assert h["llc_half_rise"] is not None and abs(h["llc_half_rise_minus_icl_half"]) <= 150
+
+
+@pytest.mark.slow
+def test_induction_full_run_induction_head_llc_rises(tmp_path: Path) -> None:
+    """Measured on seeds 0 / 1 / 2 (default settings): see docs/examples.md.
+
+    MEASURED_INDUCTION
+    """
+    from examples import induction_heads as ih
+
+    h = induction_headline(ih.main(["--logdir", str(tmp_path), "--quiet"]))
+    # the circuit forms: a layer-0 previous-token head and a layer-1 induction head
+    assert h["induction_0.5"] is not None and h["final_induction"] > 0.5
+    assert h["prev_token_0.5"] is not None and h["final_prev"] > 0.5
+    assert h["icl_half"] is not None
+    # the restricted LLC of the top induction head and of the top previous-token head rise across the
+    # induction milestone (mean over estimates >= 200 steps after it minus mean over those >= 200 before)
+    assert h["rise"][h["induction_head"]] > 2.0
+    assert h["rise"][h["prev_token_head"]] > 5.0
