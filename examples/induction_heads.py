@@ -1,7 +1,7 @@
 """Induction heads in a two-layer attention-only transformer, with one restricted LLC per head.
 
-    python examples/induction_heads.py                      # ~2-3 min on 2 CPU cores
-    python examples/induction_heads.py --max-steps 1500 --logdir runs/induction_heads
+    python examples/induction_heads.py                      # ~4 min on 2 shared CPU cores (load ~3.5)
+    python examples/induction_heads.py --max-steps 1000 --logdir runs/induction_heads --figure ih.png
     tensorboard --logdir runs/induction_heads
 
 The data are token sequences (vocabulary 64, length 32) drawn from a fixed random bigram chain, in
