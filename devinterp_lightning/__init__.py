@@ -30,6 +30,8 @@ _EXPORTS: dict[str, str] = {
     "LLCMonitor": "devinterp_lightning.callbacks.llc_monitor",
     "StageDetector": "devinterp_lightning.callbacks.stage_detector",
     "EssentialDynamics": "devinterp_lightning.callbacks.essential_dynamics",
+    # restrictions
+    "head_restrictions": "devinterp_lightning.heads",
 }
 
 __all__ = sorted([*_EXPORTS, "theory", "__version__"])
@@ -56,6 +58,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from devinterp_lightning.callbacks.essential_dynamics import EssentialDynamics
     from devinterp_lightning.callbacks.llc_monitor import LLCMonitor
     from devinterp_lightning.callbacks.stage_detector import StageDetector
+    from devinterp_lightning.heads import head_restrictions
     from devinterp_lightning.rules import AlertRule, RuleConfigError, load_rules
     from devinterp_lightning.sampling.calibrate import CalibrationResult, calibrate_llc
     from devinterp_lightning.sampling.estimator import estimate_llc, estimate_llcs
