@@ -139,6 +139,8 @@ class CalibrationResult:
         estimate: the estimate at the chosen lr (a by-product: no need to estimate again).
         num_steps: SGLD steps per chain spent by the calibration (probe and estimates).
         seconds: wall time of the calibration.
+        batch_streams, batch_order: the batch layout the trials ran with (from ``settings=``);
+            the step-size bias depends on it, so the recommendation carries it.
     """
 
     lr: float
@@ -154,9 +156,12 @@ class CalibrationResult:
     estimate: LLCResult | None = None
     num_steps: int = 0
     seconds: float = 0.0
+    batch_streams: str = "shared"
+    batch_order: str = "loader"
 
     def as_kwargs(self) -> dict[str, Any]:
-        """``{lr, localization, nbeta, num_draws, num_burnin_steps, num_steps_bw_draws}``."""
+        """``{lr, localization, nbeta, num_draws, num_burnin_steps, num_steps_bw_draws, batch_streams,
+        batch_order}``: keywords of :func:`estimate_llc`."""
         return {
             "lr": self.lr,
             "localization": self.localization,
@@ -164,6 +169,8 @@ class CalibrationResult:
             "num_draws": self.num_draws,
             "num_burnin_steps": self.num_burnin_steps,
             "num_steps_bw_draws": self.num_steps_bw_draws,
+            "batch_streams": self.batch_streams,
+            "batch_order": self.batch_order,
         }
 
     def settings(self, num_chains: int | None = None) -> SGLDSettings:
@@ -171,9 +178,9 @@ class CalibrationResult:
         extra = {} if num_chains is None else {"num_chains": num_chains}
         return SGLDSettings(**self.as_kwargs(), **extra)
 
-    def hparams(self, prefix: str = "llc/calibrated") -> dict[str, float | int | bool]:
+    def hparams(self, prefix: str = "llc/calibrated") -> dict[str, float | int | bool | str]:
         """Flat scalars for ``logger.log_hyperparams``: the settings and the headline evidence."""
-        out: dict[str, float | int | bool] = {f"{prefix}/{k}": v for k, v in self.as_kwargs().items()}
+        out: dict[str, float | int | bool | str] = {f"{prefix}/{k}": v for k, v in self.as_kwargs().items()}
         out[f"{prefix}/ok"] = self.ok
         out[f"{prefix}/curvature"] = self.curvature
         out[f"{prefix}/num_trials"] = len(self.trials)
@@ -719,6 +726,7 @@ def _decide(
         num_draws=layout.num_draws, num_burnin_steps=layout.num_burnin_steps,
         num_steps_bw_draws=layout.num_steps_bw_draws, ok=ok, reason=why, curvature=curvature, trials=trials,
         estimate=last.estimates.get(chosen), num_steps=spent, seconds=time.perf_counter() - start,
+        batch_streams=layout.batch_streams, batch_order=layout.batch_order,
     )
     logger.info("%s", result.summary())
     return result
