@@ -484,3 +484,23 @@ def test_calibrate_once_retries_while_the_weights_are_not_at_a_minimum(tmp_path)
     assert "calibrated_settings" not in monitor.state_dict()
     assert monitor.history.steps("llc/mean") == [5, 10]
     assert monitor.last_results["llc"].lr == monitor.calibration.lr
+
+
+def test_an_iterable_dataset_without_max_steps_measures_for_the_whole_run():
+    """Regression (#15 item 2): Lightning reports the length of this run as -1 steps; the schedule
+    must go on as long as training does instead of refusing to start."""
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            g = torch.Generator().manual_seed(0)
+            for _ in range(6):
+                x = torch.randn(16, 6, generator=g)
+                yield x, x[:, :2]
+
+    monitor = LLCMonitor(mse, every_n_steps=4, **FAST)
+    model = Net()
+    t = trainer([monitor], max_steps=-1, max_epochs=2)
+    t.fit(model, DataLoader(Stream(), batch_size=None))
+    assert t.estimated_stepping_batches in (-1, math.inf)
+    assert monitor.history.steps("llc/mean") == [0, 4, 8, 12]
