@@ -230,7 +230,7 @@ class LLCMonitor(Callback):
         self._stop_worker()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._stop_worker()
+        self._stop_worker(timeout=1.0)  # the estimates in flight are abandoned
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stop_worker()
@@ -312,9 +312,9 @@ class LLCMonitor(Callback):
         if callable(observe):  # adaptive schedules follow the unrestricted estimate, the same on every rank
             observe(step, results[self.prefix].mean, results[self.prefix].stderr)
 
-    def _stop_worker(self) -> None:
+    def _stop_worker(self, timeout: float = 10.0) -> None:
         if self._worker is not None:
-            self._worker.close()
+            self._worker.close(timeout)
             self._worker = None
 
     # ------------------------------------------------------------------ state

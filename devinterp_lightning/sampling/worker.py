@@ -178,7 +178,7 @@ class BackgroundSampler:
     """
 
     def __init__(self, payload: bytes, device: torch.device | str = "cpu", threads: int = 1,
-                 cpus: list[int] | None = None, start_timeout: float = 300.0) -> None:
+                 cpus: list[int] | None = None) -> None:
         context = torch.multiprocessing.get_context("spawn")
         self.payload = payload
         self.device = str(device)
@@ -190,11 +190,9 @@ class BackgroundSampler:
             target=serve_requests, args=(payload, self.device, threads, cpus, self._requests, self._results),
             name="devinterp-llc-worker", daemon=False,
         )
+        # no wait for the worker's imports (seconds): the first snapshot queues up meanwhile
         self.process.start()
-        kind, _, value = self._get(timeout=start_timeout)
-        if kind != "ready":
-            self.close()
-            raise WorkerError(f"LLCMonitor: the sampling worker failed to start:\n{value}")
+        self.started = False
 
     @property
     def pid(self) -> int | None:
@@ -202,29 +200,43 @@ class BackgroundSampler:
 
     def submit(self, request: EstimateRequest) -> None:
         if not self.process.is_alive():
-            raise WorkerDied(f"LLCMonitor: the sampling worker (pid {self.pid}) is gone "
-                             f"(exit code {self.process.exitcode})")
+            raise WorkerDied(self._death_notice())
         self.pending.append(request)
         self._requests.put(request)
 
     def _get(self, timeout: float | None) -> tuple[str, int | None, Any]:
-        """The next message; ``queue.Empty`` after ``timeout`` s; :class:`WorkerDied` if the process is gone."""
+        """The next answer (start-up notices are consumed here); ``queue.Empty`` after ``timeout`` s;
+        :class:`WorkerDied` if the process is gone."""
         waited = 0.0
         while True:
             try:
-                return self._results.get(timeout=0.2)
+                message = self._results.get(timeout=0.2 if timeout is None else min(0.2, timeout))
             except queue.Empty:
                 if not self.process.is_alive():
                     try:  # a message may have arrived just before the exit
-                        return self._results.get(timeout=0.5)
+                        message = self._results.get(timeout=0.5)
                     except queue.Empty:
-                        raise WorkerDied(
-                            f"LLCMonitor: the sampling worker (pid {self.pid}) died with exit code "
-                            f"{self.process.exitcode} while {len(self.pending)} estimate(s) were in flight"
-                        ) from None
-                waited += 0.2
-                if timeout is not None and waited >= timeout:
-                    raise
+                        raise WorkerDied(self._death_notice()) from None
+                else:
+                    waited += 0.2
+                    if timeout is not None and waited >= timeout:
+                        raise
+                    continue
+            if message[0] == "ready":
+                self.started = True
+                continue
+            if message[0] == "error" and message[1] is None:
+                raise WorkerError(f"LLCMonitor: the sampling worker failed to start:\n{message[2]}")
+            return message
+
+    def _death_notice(self) -> str:
+        notice = (f"LLCMonitor: the sampling worker (pid {self.pid}) died with exit code {self.process.exitcode} "
+                  f"while {len(self.pending)} estimate(s) were in flight")
+        if not self.started:
+            notice += (" before it had started. A process started with 'spawn' re-imports the main script: in a "
+                       "script, put the training code under `if __name__ == \"__main__\":` (the worker's own "
+                       "error is printed above)")
+        return notice
 
     def _answer(self, message: tuple[str, int | None, Any]) -> tuple[EstimateRequest, dict[str, LLCResult]]:
         kind, step, value = message
@@ -239,12 +251,9 @@ class BackgroundSampler:
         out = []
         while self.pending:
             try:
-                message = self._results.get_nowait()
+                out.append(self._answer(self._get(timeout=0.0)))
             except queue.Empty:
-                if not self.process.is_alive():
-                    self._get(timeout=0.0)  # raises WorkerDied unless a last message arrived
                 break
-            out.append(self._answer(message))
         return out
 
     def wait(self, count: int | None = None) -> list[tuple[EstimateRequest, dict[str, LLCResult]]]:
