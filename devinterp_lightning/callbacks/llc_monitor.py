@@ -9,7 +9,6 @@ numbers (:mod:`devinterp_lightning.callbacks.monitor_support`). See docs/monitor
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -38,7 +37,6 @@ from devinterp_lightning.series import SeriesStore
 
 __all__ = ["DEFAULT_SETTINGS", "LLCMonitor", "resolve_dotted"]
 
-log = logging.getLogger("devinterp_lightning")
 _derive_seed = derive_seed  # the name the tests and older scripts import
 #: the SGLD settings a monitor samples with when none are given (docs/monitor.md: how they were chosen)
 DEFAULT_SETTINGS = SGLDSettings(lr=1e-4, localization=100.0, nbeta=None, num_chains=4, num_draws=200,
@@ -191,17 +189,9 @@ class LLCMonitor(Callback):
             self._data = support.materialize(self._data_spec, "data")
         self._datasets = {k: support.materialize(v, f"datasets[{k!r}]") for k, v in self._datasets_spec.items()}
         if trainer.max_steps is not None and trainer.max_steps >= 0:
-            self._validate_schedule(trainer.max_steps)
+            support.validate_schedule(self.schedule, trainer.max_steps)
         if self.background:  # fail before training, not in the worker
             pack_payload(pl_module, self.loss_fn, self._jobs() if self._data is not None else {})
-
-    def _validate_schedule(self, total_steps: float) -> None:
-        # Lightning reports an unknown run length (an IterableDataset without max_steps) as -1 or inf
-        total = float("inf") if total_steps is None or total_steps < 0 else total_steps
-        try:
-            self.schedule.validate(total)
-        except ValueError as err:
-            raise ValueError(f"LLCMonitor every_n_steps: {err}") from None
 
     def _should_skip(self, trainer: pl.Trainer) -> bool:
         return trainer.sanity_checking or bool(trainer.fast_dev_run)
@@ -209,7 +199,7 @@ class LLCMonitor(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._should_skip(trainer):
             return
-        self._validate_schedule(trainer.estimated_stepping_batches)
+        support.validate_schedule(self.schedule, trainer.estimated_stepping_batches)
         if self._data_spec is None:
             self._data = support.cache_train_batches(trainer, self.num_data_batches)
         self._trainer = trainer
@@ -272,23 +262,17 @@ class LLCMonitor(Callback):
                              dtype=torch.float32, progress=progress)
 
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        """Choose lr and localization once, on rank 0, and share them with every rank."""
+        """Choose lr and localization once, on rank 0, and share them with every rank. A failed
+        calibration (w* on a saddle early in training) samples this step with its fallback and
+        the next scheduled step tries again."""
         progress = support.Progress(trainer, step) if self.progress else None
         self.calibration, chosen, ok = support.calibrate_on_rank_zero(
             trainer, pl_module, self.loss_fn, self._data, self.settings, derive_seed(self.seed, step, 0),
             progress, self.calibrate_kwargs,
         )
-        if ok:
-            self._apply_calibration(chosen)
-        else:
-            # w* is not yet a point the sampler can be tuned at (a saddle early in training): this
-            # step is sampled with the calibration's fallback and the next scheduled step tries again
-            self.settings = self.settings.replace(**chosen)
-            log.info("LLCMonitor: calibration at step %d did not pass its checks; retrying next time", step)
-
-    def _apply_calibration(self, chosen: Mapping[str, float]) -> None:
-        self._calibrated_settings = dict(chosen)
         self.settings = self.settings.replace(**chosen)
+        if ok:
+            self._calibrated_settings = dict(chosen)
 
     def _collect(self, trainer: pl.Trainer, wait: bool, count: int | None = None) -> None:
         """Publish the worker's answers (those that arrived, or wait); on a dead worker, warn and
@@ -333,6 +317,7 @@ class LLCMonitor(Callback):
         self._last_step = int(state_dict["last_step"])
         if state_dict.get("calibrated_settings") is not None:
             # a resumed run keeps sampling with the settings its series was measured with
-            self._apply_calibration(state_dict["calibrated_settings"])
+            self._calibrated_settings = dict(state_dict["calibrated_settings"])
+            self.settings = self.settings.replace(**self._calibrated_settings)
         if "schedule" in state_dict and callable(getattr(self.schedule, "load_state_dict", None)):
             self.schedule.load_state_dict(state_dict["schedule"])  # type: ignore[attr-defined]

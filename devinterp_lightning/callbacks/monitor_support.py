@@ -33,6 +33,7 @@ __all__ = [
     "materialize",
     "publish",
     "resolve_dotted",
+    "validate_schedule",
 ]
 
 log = logging.getLogger("devinterp_lightning")
@@ -147,6 +148,16 @@ def jobs(prefix: str, data: Any, restrictions: Mapping[str, Any], datasets: Mapp
     return out
 
 
+def validate_schedule(schedule: Any, total_steps: float | None) -> None:
+    """``schedule.validate`` with the monitor's name in the message; Lightning reports an unknown
+    run length (an ``IterableDataset`` without ``max_steps``) as -1 or inf: no bound then."""
+    total = float("inf") if total_steps is None or total_steps < 0 else total_steps
+    try:
+        schedule.validate(total)
+    except ValueError as err:
+        raise ValueError(f"LLCMonitor every_n_steps: {err}") from None
+
+
 def materialize(spec: Any, label: str) -> Any:
     """A re-iterable of batches from a loader, a list or a zero-argument callable returning one."""
     loader = spec() if callable(spec) and not hasattr(spec, "__iter__") else spec
@@ -246,6 +257,9 @@ def calibrate_on_rank_zero(
         if calibration.ok:
             for logger in trainer.loggers:
                 logger.log_hyperparams(calibration.hparams())
+        else:
+            log.info("LLCMonitor: the calibration did not pass its checks; sampling with its fallback and "
+                     "calibrating again at the next scheduled step")
     chosen = trainer.strategy.broadcast(chosen, src=0)
     ok = bool(chosen.pop("ok"))
     return calibration, chosen, ok
