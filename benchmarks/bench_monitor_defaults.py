@@ -8,6 +8,9 @@ drop, in steps), the number of estimates, the SGLD steps spent, and the stderr o
 estimates. Run from the repository root:
 
     OMP_NUM_THREADS=1 python benchmarks/bench_monitor_defaults.py --seeds 0 1 --configs all
+
+``--variance 0 500 2000 --seeds 0 1 2 3 4 5 6 7`` instead measures, at snapshots of the overhead
+benchmark's DLN, how the spread of an estimate over sampler seeds grows as the chains get shorter.
 """
 
 from __future__ import annotations
@@ -69,13 +72,51 @@ def run(name: str, seed: int, max_steps: int) -> dict[str, Any]:
     }
 
 
+def draws_variance(seeds: list[int], train_steps: list[int]) -> None:
+    """Spread of the estimate over sampler seeds against the chain layout, at snapshots of the
+    overhead benchmark's DLN (4x16, init 0.1, batch 64, probe = 512 held-out samples)."""
+    import lightning.pytorch as pl
+    import torch
+
+    from devinterp_lightning import estimate_llc
+    from examples.configs.dln import DeepLinearNetwork, probe_loader
+    from examples.configs.losses import mse
+
+    layouts = [(50, 200), (50, 100), (25, 100), (25, 50)]
+    for steps in train_steps:
+        pl.seed_everything(0, verbose=False)
+        model = DeepLinearNetwork(width=16, depth=4, rank=3, init_scale=0.1, lr=0.05)
+        if steps:
+            pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                       enable_model_summary=False).fit(model)
+        loader = probe_loader()
+        for burnin, draws in layouts:
+            means, stderrs, flagged = [], [], 0
+            for seed in seeds:
+                res = estimate_llc(model, mse, loader, lr=1e-4, localization=100.0, num_chains=4, num_draws=draws,
+                                   num_burnin_steps=burnin, seed=seed)
+                means.append(res.mean)
+                stderrs.append(res.stderr)
+                flagged += bool(res.flags)
+            t = torch.tensor(means)
+            print(json.dumps({"train_steps": steps, "layout": f"4x({burnin}+{draws})", "mean": round(t.mean().item(), 3),
+                              "sd_over_seeds": round(t.std().item(), 3),
+                              "median_reported_stderr": round(statistics.median(stderrs), 3),
+                              "flagged": flagged, "seeds": len(seeds)}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--configs", nargs="+", default=["all"], help="indices into CONFIGS or 'all'")
     parser.add_argument("--max-steps", type=int, default=1600)
     parser.add_argument("--out", default=None, help="append JSON lines here")
+    parser.add_argument("--variance", type=int, nargs="*", default=None,
+                        help="instead: the spread of the estimate over --seeds at these training steps")
     args = parser.parse_args()
+    if args.variance is not None:
+        draws_variance(args.seeds, args.variance)
+        return
     names = list(CONFIGS) if args.configs == ["all"] else [list(CONFIGS)[int(i)] for i in args.configs]
     for name in names:
         for seed in args.seeds:
