@@ -72,9 +72,10 @@ def run(name: str, seed: int, max_steps: int) -> dict[str, Any]:
     }
 
 
-def draws_variance(seeds: list[int], train_steps: list[int]) -> None:
-    """Spread of the estimate over sampler seeds against the chain layout, at snapshots of the
-    overhead benchmark's DLN (4x16, init 0.1, batch 64, probe = 512 held-out samples)."""
+def draws_variance(seeds: list[int], train_steps: list[int], init_scale: float = 0.3, lr: float = 1e-3) -> None:
+    """Spread of the estimate over sampler seeds against the chain layout, at snapshots of the DLN
+    of ``examples/configs/dln.py`` (4x16, batch 64, probe = 512 held-out samples), SGLD ``lr``,
+    localization 100. At init scale 0.3 it learns its teacher between steps ~400 and ~800."""
     import lightning.pytorch as pl
     import torch
 
@@ -82,10 +83,10 @@ def draws_variance(seeds: list[int], train_steps: list[int]) -> None:
     from examples.configs.dln import DeepLinearNetwork, probe_loader
     from examples.configs.losses import mse
 
-    layouts = [(50, 200), (50, 100), (25, 100), (25, 50)]
+    layouts = [(50, 200), (50, 100), (25, 75), (25, 50)]
     for steps in train_steps:
         pl.seed_everything(0, verbose=False)
-        model = DeepLinearNetwork(width=16, depth=4, rank=3, init_scale=0.1, lr=0.05)
+        model = DeepLinearNetwork(width=16, depth=4, rank=3, init_scale=init_scale, lr=0.05)
         if steps:
             pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                        enable_model_summary=False).fit(model)
@@ -93,13 +94,13 @@ def draws_variance(seeds: list[int], train_steps: list[int]) -> None:
         for burnin, draws in layouts:
             means, stderrs, flagged = [], [], 0
             for seed in seeds:
-                res = estimate_llc(model, mse, loader, lr=1e-4, localization=100.0, num_chains=4, num_draws=draws,
+                res = estimate_llc(model, mse, loader, lr=lr, localization=100.0, num_chains=4, num_draws=draws,
                                    num_burnin_steps=burnin, seed=seed)
                 means.append(res.mean)
                 stderrs.append(res.stderr)
                 flagged += bool(res.flags)
             t = torch.tensor(means)
-            print(json.dumps({"train_steps": steps, "layout": f"4x({burnin}+{draws})", "mean": round(t.mean().item(), 3),
+            print(json.dumps({"init_scale": init_scale, "lr": lr, "train_steps": steps, "layout": f"4x({burnin}+{draws})", "mean": round(t.mean().item(), 3),
                               "sd_over_seeds": round(t.std().item(), 3),
                               "median_reported_stderr": round(statistics.median(stderrs), 3),
                               "flagged": flagged, "seeds": len(seeds)}), flush=True)

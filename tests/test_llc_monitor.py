@@ -504,3 +504,21 @@ def test_an_iterable_dataset_without_max_steps_measures_for_the_whole_run():
     t.fit(model, DataLoader(Stream(), batch_size=None))
     assert t.estimated_stepping_batches in (-1, math.inf)
     assert monitor.history.steps("llc/mean") == [0, 4, 8, 12]
+
+
+def test_settings_object_keywords_and_defaults():
+    from devinterp_lightning.callbacks.llc_monitor import DEFAULT_SETTINGS
+    from devinterp_lightning.sampling.settings import SGLDSettings
+    from devinterp_lightning.schedule import LogSpaced
+
+    default = LLCMonitor(mse)
+    assert default.settings == DEFAULT_SETTINGS
+    assert (default.num_chains, default.num_draws, default.num_burnin_steps) == (4, 100, 50)
+    assert isinstance(default.schedule, LogSpaced) and default.schedule.due_steps(100) == [0, 10, 16, 25, 40, 63, 100]
+    given = SGLDSettings(lr=2e-3, localization=30.0, num_chains=3, num_draws=9)
+    monitor = LLCMonitor(mse, settings=given, num_draws=7)  # keywords are laid over the settings object
+    assert monitor.settings == given.replace(num_draws=7)
+    monitor.lr = 5e-3  # the attributes are views of the settings, validated on assignment
+    assert monitor.settings.lr == 5e-3
+    with pytest.raises(ValueError, match="lr must be a positive"):
+        monitor.lr = -1.0

@@ -39,7 +39,7 @@ __all__ = ["DEFAULT_SETTINGS", "LLCMonitor", "resolve_dotted"]
 
 _derive_seed = derive_seed  # the name the tests and older scripts import
 #: the SGLD settings a monitor samples with when none are given (docs/monitor.md: how they were chosen)
-DEFAULT_SETTINGS = SGLDSettings(lr=1e-4, localization=100.0, nbeta=None, num_chains=4, num_draws=200,
+DEFAULT_SETTINGS = SGLDSettings(lr=1e-4, localization=100.0, nbeta=None, num_chains=4, num_draws=100,
                                 num_burnin_steps=50, num_steps_bw_draws=1)
 
 
@@ -70,7 +70,7 @@ class LLCMonitor(Callback):
         data: re-iterable batches (or a dotted path to them or to a function returning them); None:
             the first ``num_data_batches`` train batches, cached at train start.
         every_n_steps: an ``int``, a list of steps or a :class:`~devinterp_lightning.schedule.Schedule`;
-            None: ``LogSpaced(start=10, per_decade=10)``.
+            None: ``LogSpaced(start=10, per_decade=5)`` (0, 10, 16, 25, 40, 63, 100, 158, ...).
         restrictions, datasets, cross: weight restrictions (globs or masks), data restrictions
             (loaders), and their cross product.
         lr, localization, nbeta, num_chains, num_draws, num_burnin_steps, num_steps_bw_draws: SGLD
@@ -125,7 +125,7 @@ class LLCMonitor(Callback):
         if not callable(self.loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) -> scalar; got {self.loss_fn!r}")
         self._data_spec = resolve_dotted(data) if isinstance(data, str) else data
-        self.schedule = LogSpaced(start=10, per_decade=10) if every_n_steps is None else as_schedule(every_n_steps)
+        self.schedule = LogSpaced(start=10, per_decade=5) if every_n_steps is None else as_schedule(every_n_steps)
         self.restrictions = dict(restrictions or {})
         self._datasets_spec = {k: resolve_dotted(v) if isinstance(v, str) else v for k, v in (datasets or {}).items()}
         support.check_names(self.restrictions, self._datasets_spec, cross)
