@@ -156,3 +156,15 @@ def test_the_stage_detector_reads_background_estimates():
     trainer([monitor, detector], max_steps=8).fit(Net())
     assert [p.step for p in detector.series["llc/mean"]] == [0, 2, 4, 6, 8]
     assert all(math.isfinite(p.value) for p in detector.series["llc/mean"])
+
+
+def test_auto_max_pending_bounds_the_snapshots_by_memory():
+    from devinterp_lightning.callbacks.monitor_support import AUTO_PENDING_BYTES, pending_limit
+
+    small = torch.nn.Linear(4, 4)
+    assert pending_limit("auto", small) == 8 and pending_limit(3, small) == 3
+    # a third of the budget in float32, on the meta device (no memory is allocated)
+    big = torch.nn.Linear(1, AUTO_PENDING_BYTES // 4 // 3 + 1, bias=False, device="meta")
+    assert pending_limit("auto", big) == 2
+    with pytest.raises(ValueError, match="max_pending must be a positive integer .* or 'auto'"):
+        LLCMonitor(mse, max_pending=0)

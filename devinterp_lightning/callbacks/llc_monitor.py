@@ -80,7 +80,8 @@ class LLCMonitor(Callback):
         calibrate, calibrate_kwargs: ``"once"`` chooses ``lr`` and ``localization`` with ``calibrate_llc``.
         background: sample in a worker process while training goes on (``True`` or ``"process"``).
         worker_device, worker_threads: the worker's device and torch threads.
-        max_pending: snapshots in flight at most (each holds one copy of the weights).
+        max_pending: snapshots in flight at most (each holds one copy of the weights); ``"auto"``:
+            as many as fit in 1 GiB, between 1 and 8.
         when_busy: ``"block"`` (wait for the oldest estimate) or ``"skip"`` (drop the due step).
     """
 
@@ -117,7 +118,7 @@ class LLCMonitor(Callback):
         background: bool | str = False,
         worker_device: str = "cpu",
         worker_threads: int = 1,
-        max_pending: int = 1,
+        max_pending: int | str = "auto",
         when_busy: str = "block",
     ) -> None:
         super().__init__()
@@ -153,6 +154,7 @@ class LLCMonitor(Callback):
         self._data: Any = None
         self._datasets: dict[str, Any] = {}
         self._worker: BackgroundSampler | None = None
+        self._max_pending = 1
         self._trainer: pl.Trainer | None = None
         self._warned_unhealthy = False
 
@@ -206,6 +208,7 @@ class LLCMonitor(Callback):
         if self.background:
             payload = pack_payload(pl_module, self.loss_fn, self._jobs())
             self._worker = BackgroundSampler(payload, self.worker_device, self.worker_threads)
+            self._max_pending = support.pending_limit(self.max_pending, pl_module)
         self._maybe_measure(trainer, pl_module)
 
     def on_train_batch_end(
@@ -235,7 +238,7 @@ class LLCMonitor(Callback):
             return
         if self._worker is not None and self._worker.pending and callable(getattr(self.schedule, "observe", None)):
             return  # an adaptive schedule decides after the pending estimate; Adaptive catches up late steps
-        if self._worker is not None and len(self._worker.pending) >= self.max_pending:
+        if self._worker is not None and len(self._worker.pending) >= self._max_pending:
             if self.when_busy == "skip":
                 self._last_step = step
                 self.skipped_steps.append(step)

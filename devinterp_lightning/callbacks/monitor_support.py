@@ -31,6 +31,7 @@ __all__ = [
     "check_strategy",
     "jobs",
     "materialize",
+    "pending_limit",
     "publish",
     "resolve_dotted",
     "validate_schedule",
@@ -104,8 +105,8 @@ def check_options(seed: Any, num_data_batches: Any, calibrate: str, calibrate_kw
         raise ValueError(f"background must be False, True or 'process'; got {background!r}")
     if when_busy not in ("block", "skip"):
         raise ValueError(f"when_busy must be 'block' or 'skip'; got {when_busy!r}")
-    if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
-        raise ValueError(f"max_pending must be a positive integer (snapshots in flight); got {max_pending!r}")
+    if max_pending != "auto" and (isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1):
+        raise ValueError(f"max_pending must be a positive integer (snapshots in flight) or 'auto'; got {max_pending!r}")
     if calibrate not in ("never", "once"):
         raise ValueError(f"calibrate must be 'never' or 'once'; got {calibrate!r}")
     reserved = sorted(set(calibrate_kwargs) & RESERVED_CALIBRATE_KWARGS)
@@ -156,6 +157,20 @@ def validate_schedule(schedule: Any, total_steps: float | None) -> None:
         schedule.validate(total)
     except ValueError as err:
         raise ValueError(f"LLCMonitor every_n_steps: {err}") from None
+
+
+#: ``max_pending="auto"``: snapshots in flight may hold this many bytes in all (at most 8 snapshots)
+AUTO_PENDING_BYTES = 1 << 30
+
+
+def pending_limit(max_pending: int | str, model: torch.nn.Module) -> int:
+    """``max_pending``, or for ``"auto"`` the number of copies of ``model``'s parameters and buffers
+    that fit in :data:`AUTO_PENDING_BYTES`, between 1 and 8: a log-spaced schedule's dense early
+    steps then queue up instead of making training wait, with memory bounded for large models."""
+    if max_pending != "auto":
+        return int(max_pending)
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return max(1, min(8, AUTO_PENDING_BYTES // max(size, 1)))
 
 
 def materialize(spec: Any, label: str) -> Any:
