@@ -78,6 +78,7 @@ def measure(steps: int, mode: str, cpus: list[int]) -> dict[str, Any]:
         "steps": steps, "mode": mode, "without_s": round(baseline, 2), "with_s": round(wall, 2),
         "overhead": round(wall / baseline, 3), "estimates": len(points), "skipped": len(monitor.skipped_steps),
         "healthy": sum(not p.flags for p in points), "load_avg_1min": round(os.getloadavg()[0], 2),
+        "worker_startup_s": None if monitor.worker_startup_s is None else round(monitor.worker_startup_s, 2),
     }
 
 

@@ -54,6 +54,7 @@ def test_background_values_are_bitwise_those_of_the_synchronous_mode():
     for key, value in sync_weights.items():
         assert torch.equal(value, bg_weights[key]), key
     assert bg.worker_pid is None  # the worker is stopped when fit returns
+    assert bg.worker_startup_s is not None and bg.worker_startup_s > 0
 
 
 @pytest.mark.slow  # starts a worker process: ~3 s idle, 20-40 s on a loaded 2-core machine

@@ -155,6 +155,8 @@ class LLCMonitor(Callback):
         self._datasets: dict[str, Any] = {}
         self._worker: BackgroundSampler | None = None
         self._max_pending = 1
+        #: seconds the last worker took to start (imports and unpickling), for benchmarks
+        self.worker_startup_s: float | None = None
         self._trainer: pl.Trainer | None = None
         self._warned_unhealthy = False
 
@@ -301,6 +303,7 @@ class LLCMonitor(Callback):
 
     def _stop_worker(self, timeout: float = 10.0) -> None:
         if self._worker is not None:
+            self.worker_startup_s = self._worker.startup_s
             self._worker.close(timeout)
             self._worker = None
 

@@ -19,6 +19,7 @@ import io
 import os
 import pickle
 import queue
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -151,7 +152,7 @@ def serve_requests(payload: bytes, device: str, threads: int, cpus: list[int] | 
     except BaseException:
         results.put(("error", None, traceback.format_exc()))
         return
-    results.put(("ready", None, os.getpid()))
+    results.put(("ready", None, time.time()))
     parent = multiprocessing.parent_process()
     while True:
         try:
@@ -191,8 +192,11 @@ class BackgroundSampler:
             name="devinterp-llc-worker", daemon=False,
         )
         # no wait for the worker's imports (seconds): the first snapshot queues up meanwhile
+        self._start_time = time.time()
         self.process.start()
         self.started = False
+        #: seconds from starting the process to the worker being ready to sample (imports, unpickling)
+        self.startup_s: float | None = None
 
     @property
     def pid(self) -> int | None:
@@ -224,6 +228,7 @@ class BackgroundSampler:
                     continue
             if message[0] == "ready":
                 self.started = True
+                self.startup_s = message[2] - self._start_time
                 continue
             if message[0] == "error" and message[1] is None:
                 raise WorkerError(f"LLCMonitor: the sampling worker failed to start:\n{message[2]}")
