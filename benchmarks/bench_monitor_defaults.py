@@ -36,6 +36,7 @@ CONFIGS: dict[str, tuple[Any, int, int]] = {
     "LogSpaced 10/decade, 4x(50+200)": ("log10", 50, 200),
     "LogSpaced 10/decade, 4x(25+100)": ("log10", 25, 100),
     "LogSpaced 5/decade, 4x(25+100)": ("log5", 25, 100),
+    "every 40, 4x(50+100)": (None, 50, 100),
 }
 SCHEDULES = {"log10": lambda: LogSpaced(start=10, per_decade=10), "log5": lambda: LogSpaced(start=10, per_decade=5)}
 

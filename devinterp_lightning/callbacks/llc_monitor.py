@@ -77,6 +77,8 @@ class LLCMonitor(Callback):
             settings laid over ``settings`` (default :data:`DEFAULT_SETTINGS`).
         settings: all SGLD settings as one :class:`~devinterp_lightning.sampling.settings.SGLDSettings`.
         seed: the estimate at step ``t`` on rank ``r`` uses seed ``derive_seed(seed, t, r)``.
+        num_data_batches, progress, prefix: train batches cached for ``data=None``, progress display,
+            first component of every metric name.
         calibrate, calibrate_kwargs: ``"once"`` chooses ``lr`` and ``localization`` with ``calibrate_llc``.
         background: sample in a worker process while training goes on (``True`` or ``"process"``).
         worker_device, worker_threads: the worker's device and torch threads.
