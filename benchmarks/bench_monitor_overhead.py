@@ -92,12 +92,16 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="append JSON lines here")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if "pinned" in args.modes and not hasattr(os, "sched_setaffinity"):
-        parser.error("mode 'pinned' needs os.sched_setaffinity (Linux)")
+    modes = list(args.modes)
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    if "pinned" in modes and not set(args.cpus) <= usable:
+        # pinning needs os.sched_setaffinity (Linux) and both cores available to this process
+        print(f"skipping mode 'pinned': cores {args.cpus} are not both available here (available: {sorted(usable)})")
+        modes.remove("pinned")
     print(f"torch {torch.__version__}, one thread per process, cores available: {os.cpu_count()}")
     for _ in range(args.repeats):
         for steps in args.steps:
-            for mode in args.modes:
+            for mode in modes:
                 row = measure(steps, mode, args.cpus)
                 print(json.dumps(row), flush=True)
                 if args.out:
