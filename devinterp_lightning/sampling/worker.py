@@ -21,6 +21,7 @@ import pickle
 import queue
 import time
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -171,6 +172,13 @@ def serve_requests(payload: bytes, device: str, threads: int, cpus: list[int] | 
         results.put(("ok", request.step, out))
 
 
+def _terminate(process: Any) -> None:
+    """Last resort at interpreter exit: a worker left running would make Python wait for it forever."""
+    if process.is_alive():
+        process.terminate()
+        process.join(5.0)
+
+
 class BackgroundSampler:
     """A worker process that samples :class:`EstimateRequest` s in submission order.
 
@@ -194,6 +202,7 @@ class BackgroundSampler:
         # no wait for the worker's imports (seconds): the first snapshot queues up meanwhile
         self._start_time = time.time()
         self.process.start()
+        weakref.finalize(self, _terminate, self.process)
         self.started = False
         #: seconds from starting the process to the worker being ready to sample (imports, unpickling)
         self.startup_s: float | None = None
