@@ -255,8 +255,11 @@ class LLCMonitor(Callback):
         settings = self.settings.replace(num_chains=local_chains(self.num_chains, rank, world_size))
         seed = derive_seed(self.seed, step, rank)
         if self._worker is not None:
-            self._worker.submit(snapshot_request(pl_module, step, settings, seed))
-            return
+            try:
+                self._worker.submit(snapshot_request(pl_module, step, settings, seed))
+                return
+            except WorkerDied as err:  # this step is then sampled here, after the snapshots in flight
+                self._fall_back(trainer, err)
         progress = support.Progress(trainer, step) if self.progress else None
         local = self._estimate(pl_module, settings, seed, progress)
         self.last_progress = None if progress is None else progress.last
@@ -289,11 +292,18 @@ class LLCMonitor(Callback):
         try:
             answers = self._worker.wait(count) if wait else self._worker.ready()
         except WorkerDied as err:
-            worker, self._worker = self._worker, None
-            warnings.warn(f"{err}. Falling back to synchronous sampling; the {len(worker.pending)} snapshot(s) "
-                          "in flight are estimated in the training process.", RuntimeWarning, stacklevel=2)
-            answers = worker.redo_in_process()
+            self._fall_back(trainer, err)
+            return
         for request, results in answers:
+            self._publish(trainer, request.step, results)
+
+    def _fall_back(self, trainer: pl.Trainer, err: WorkerDied) -> None:
+        """The worker is gone: warn, estimate its snapshots in flight here (same seeds), go on synchronously."""
+        worker, self._worker = self._worker, None
+        assert worker is not None
+        warnings.warn(f"{err}. Falling back to synchronous sampling; the {len(worker.pending)} snapshot(s) "
+                      "in flight are estimated in the training process.", RuntimeWarning, stacklevel=3)
+        for request, results in worker.redo_in_process():
             self._publish(trainer, request.step, results)
 
     def _publish(self, trainer: pl.Trainer, step: int, results: dict[str, LLCResult]) -> None:
