@@ -25,6 +25,12 @@ from collections.abc import Iterator, Sequence
 __all__ = ["Adaptive", "EveryNSteps", "ExplicitSteps", "LogSpaced", "Schedule", "as_schedule"]
 
 
+def _unbounded(total_steps: float) -> bool:
+    """An unknown run length: ``inf``, or ``-1`` as ``Trainer.estimated_stepping_batches`` and
+    ``max_steps`` spell it."""
+    return math.isinf(total_steps) or total_steps < 0
+
+
 class Schedule(ABC):
     """Which global steps are due. Steps are optimizer steps (``trainer.global_step``)."""
 
@@ -48,11 +54,12 @@ class Schedule(ABC):
     def validate(self, total_steps: float) -> None:
         """Raise ``ValueError`` when the schedule cannot fire during a run of ``total_steps`` steps.
 
-        ``total_steps`` may be ``inf`` (unbounded run); then only the schedule's own consistency is
-        checked. A schedule whose only due step within the run is step 0 is also rejected: it would
+        ``total_steps`` may be ``inf`` or negative (an unbounded or unknown run length, as Lightning
+        reports for an ``IterableDataset`` without ``max_steps``); then nothing is checked and the
+        schedule goes on as long as training does. A schedule whose only due step within the run is step 0 is also rejected: it would
         measure the initialization and never again.
         """
-        if math.isinf(total_steps):
+        if _unbounded(total_steps):
             return
         total = int(total_steps)
         first = self.next_due(1)
@@ -185,7 +192,7 @@ class ExplicitSteps(Schedule):
 
     def validate(self, total_steps: float) -> None:
         # explicit steps are taken literally (``[0]`` measures only the initialization, on purpose)
-        if math.isinf(total_steps):
+        if _unbounded(total_steps):
             return
         beyond = [s for s in self.steps if s > total_steps]
         if beyond:
@@ -264,7 +271,7 @@ class Adaptive(Schedule):
         self.next = step + self.interval
 
     def validate(self, total_steps: float) -> None:
-        if not math.isinf(total_steps) and self.min_interval > total_steps:
+        if not _unbounded(total_steps) and self.min_interval > total_steps:
             raise ValueError(
                 f"{self!r}: min_interval={self.min_interval} is beyond the {int(total_steps)} optimizer steps this "
                 "run will take; lower min_interval or raise max_steps."

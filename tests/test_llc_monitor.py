@@ -484,3 +484,41 @@ def test_calibrate_once_retries_while_the_weights_are_not_at_a_minimum(tmp_path)
     assert "calibrated_settings" not in monitor.state_dict()
     assert monitor.history.steps("llc/mean") == [5, 10]
     assert monitor.last_results["llc"].lr == monitor.calibration.lr
+
+
+def test_an_iterable_dataset_without_max_steps_measures_for_the_whole_run():
+    """Regression (#15 item 2): Lightning reports the length of this run as -1 steps; the schedule
+    must go on as long as training does instead of refusing to start."""
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            g = torch.Generator().manual_seed(0)
+            for _ in range(6):
+                x = torch.randn(16, 6, generator=g)
+                yield x, x[:, :2]
+
+    monitor = LLCMonitor(mse, every_n_steps=4, **FAST)
+    model = Net()
+    t = trainer([monitor], max_steps=-1, max_epochs=2)
+    t.fit(model, DataLoader(Stream(), batch_size=None))
+    assert t.estimated_stepping_batches in (-1, math.inf)
+    assert monitor.history.steps("llc/mean") == [0, 4, 8, 12]
+
+
+def test_settings_object_keywords_and_defaults():
+    from devinterp_lightning.callbacks.llc_monitor import DEFAULT_SETTINGS
+    from devinterp_lightning.sampling.settings import SGLDSettings
+    from devinterp_lightning.schedule import LogSpaced
+
+    default = LLCMonitor(mse)
+    assert default.settings == DEFAULT_SETTINGS
+    assert (default.num_chains, default.num_draws, default.num_burnin_steps) == (4, 100, 50)
+    assert isinstance(default.schedule, LogSpaced) and default.schedule.due_steps(100) == [0, 10, 16, 25, 40, 63, 100]
+    given = SGLDSettings(lr=2e-3, localization=30.0, num_chains=3, num_draws=9)
+    monitor = LLCMonitor(mse, settings=given, num_draws=7)  # keywords are laid over the settings object
+    assert monitor.settings == given.replace(num_draws=7)
+    monitor.lr = 5e-3  # the attributes are views of the settings, validated on assignment
+    assert monitor.settings.lr == 5e-3
+    with pytest.raises(ValueError, match="lr must be a positive"):
+        monitor.lr = -1.0

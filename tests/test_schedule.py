@@ -113,3 +113,12 @@ def test_adaptive_state_round_trip_and_validation():
         s.validate(3)
     with pytest.raises(ValueError, match="max_interval must be an integer >= min_interval"):
         Adaptive(min_interval=10, max_interval=5)
+
+
+@pytest.mark.parametrize("total", [math.inf, -1, -1.0])
+def test_an_unknown_run_length_validates_every_schedule(total: float):
+    # Lightning reports an IterableDataset run without max_steps as -1 (or inf) steps
+    from devinterp_lightning.schedule import Adaptive
+
+    for schedule in (EveryNSteps(50), LogSpaced(), ExplicitSteps([5, 10**9]), Adaptive(min_interval=10**6, max_interval=10**6)):
+        schedule.validate(total)
