@@ -48,3 +48,15 @@ def test_different_nbeta_across_ranks_is_an_error_naming_the_fix():
 def test_without_a_process_group_the_local_result_is_kept():
     local = {"llc": _result(2, 0)}
     assert gather_chains(local)["llc"] is local["llc"]
+
+
+def test_a_flag_the_estimator_raised_on_one_rank_survives_the_merge():
+    import dataclasses
+
+    noisy = _result(2, 1)
+    noisy = dataclasses.replace(noisy, flags=(*noisy.flags, "minibatch_noise"))
+    ranks = [{"llc": _result(3, 0)}, {"llc": noisy}]
+    merged = merge_packed([pack_chains(r) for r in ranks], ranks[0])["llc"]
+    assert "minibatch_noise" in merged.flags and "nonfinite_init" not in merged.flags
+    clean = merge_packed([pack_chains(r) for r in ranks[:1]], ranks[0])["llc"]
+    assert "minibatch_noise" not in clean.flags

@@ -16,7 +16,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from devinterp_lightning.sampling.estimator import MINIBATCH_NOISE, NONFINITE_INIT
 from devinterp_lightning.sampling.result import LLCResult, summarize_chains
+
+#: flags the estimator attaches from outside the traces; they travel as 0/1 columns so a merged
+#: result keeps a flag any rank raised
+ESTIMATOR_FLAGS = (MINIBATCH_NOISE, NONFINITE_INIT)
 
 __all__ = ["gather_chains", "local_chains", "merge_packed", "pack_chains"]
 
@@ -27,8 +32,9 @@ def local_chains(num_chains: int, rank: int, world_size: int) -> int:
 
 
 def pack_chains(local: Mapping[str, LLCResult]) -> Tensor:
-    """``[chains, jobs, 2 * draws + 2]`` float64: per chain and job the loss trace, the trace at w*,
-    the diverged flag and the job's nbeta (repeated per chain so that one tensor carries it all)."""
+    """``[chains, jobs, 2 * draws + 2 + F]`` float64: per chain and job the loss trace, the trace at
+    w*, the diverged flag, the job's nbeta and one 0/1 column per :data:`ESTIMATOR_FLAGS` (repeated
+    per chain so that one tensor carries it all)."""
     rows = []
     for res in local.values():
         n = res.num_chains
@@ -37,6 +43,7 @@ def pack_chains(local: Mapping[str, LLCResult]) -> Tensor:
             res.init_loss_trace.detach().to("cpu", torch.float64),
             res.diverged.detach().to("cpu", torch.float64).reshape(n, 1),
             torch.full((n, 1), float(res.nbeta), dtype=torch.float64),
+            torch.tensor([[float(f in res.flags) for f in ESTIMATOR_FLAGS]], dtype=torch.float64).expand(n, -1),
         ], dim=1))
     return torch.stack(rows, dim=1)
 
@@ -47,8 +54,9 @@ def merge_packed(per_rank: Sequence[Tensor], local: Mapping[str, LLCResult]) -> 
     merged: dict[str, LLCResult] = {}
     for j, (name, res) in enumerate(local.items()):
         rows = torch.cat([packed[:, j].to("cpu", torch.float64) for packed in per_rank if packed.shape[0]])
-        draws = (rows.shape[1] - 2) // 2
-        nbetas = rows[:, -1]
+        draws = (rows.shape[1] - 2 - len(ESTIMATOR_FLAGS)) // 2
+        nbetas = rows[:, 2 * draws + 1]
+        raised = rows[:, 2 * draws + 2 :].amax(dim=0) if rows.shape[0] else torch.zeros(len(ESTIMATOR_FLAGS))
         if not torch.allclose(nbetas, nbetas[0].expand_as(nbetas), rtol=1e-9, atol=0.0):
             raise RuntimeError(
                 f"LLCMonitor: ranks sampled {name!r} with different nbeta ({sorted(set(nbetas.tolist()))}) "
@@ -57,6 +65,7 @@ def merge_packed(per_rank: Sequence[Tensor], local: Mapping[str, LLCResult]) -> 
         merged[name] = summarize_chains(
             rows[:, :draws], rows[:, draws : 2 * draws], float(nbetas[0]), lr=res.lr,
             localization=res.localization, diverged=rows[:, 2 * draws].bool(), warn=False,
+            extra_flags=[f for f, r in zip(ESTIMATOR_FLAGS, raised.tolist(), strict=True) if r > 0],
         )
     return merged
 
