@@ -9,7 +9,6 @@ numbers (:mod:`devinterp_lightning.callbacks.monitor_support`). See docs/monitor
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -25,13 +24,7 @@ from devinterp_lightning.sampling.estimator import estimate_llcs
 from devinterp_lightning.sampling.result import LLCResult
 from devinterp_lightning.sampling.settings import SGLDSettings
 from devinterp_lightning.sampling.snapshot import resolve_restriction
-from devinterp_lightning.sampling.worker import (
-    BackgroundSampler,
-    WorkerDied,
-    derive_seed,
-    pack_payload,
-    snapshot_request,
-)
+from devinterp_lightning.sampling.worker import BackgroundSampler, derive_seed, pack_payload, snapshot_request
 from devinterp_lightning.schedule import LogSpaced, Schedule, as_schedule
 from devinterp_lightning.series import SeriesStore
 
@@ -155,11 +148,9 @@ class LLCMonitor(Callback):
         self._last_step = -1
         self._data: Any = None
         self._datasets: dict[str, Any] = {}
-        self._worker: BackgroundSampler | None = None
-        self._max_pending = 1
+        self._link: support.WorkerLink | None = None
         #: seconds the last worker took to start (imports and unpickling), for benchmarks
         self.worker_startup_s: float | None = None
-        self._trainer: pl.Trainer | None = None
         self._warned_unhealthy = False
 
     @property
@@ -169,7 +160,7 @@ class LLCMonitor(Callback):
     @property
     def worker_pid(self) -> int | None:
         """The pid of the sampling worker while one runs (to pin it to cores, say), else None."""
-        return None if self._worker is None else self._worker.pid
+        return None if self._link is None else self._link.pid
 
     def metric_bases(self) -> list[str]:
         """Metric base names in estimation order: ``prefix``, then ``prefix/<name>`` per restriction."""
@@ -199,31 +190,28 @@ class LLCMonitor(Callback):
         if self.background:  # fail before training, not in the worker
             pack_payload(pl_module, self.loss_fn, self._jobs() if self._data is not None else {})
 
-    def _should_skip(self, trainer: pl.Trainer) -> bool:
-        return trainer.sanity_checking or bool(trainer.fast_dev_run)
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._should_skip(trainer):
+        if support.is_dry_run(trainer):
             return
         support.validate_schedule(self.schedule, trainer.estimated_stepping_batches)
         if self._data_spec is None:
             self._data = support.cache_train_batches(trainer, self.num_data_batches)
-        self._trainer = trainer
         if self.background:
-            payload = pack_payload(pl_module, self.loss_fn, self._jobs())
-            self._worker = BackgroundSampler(payload, self.worker_device, self.worker_threads)
-            self._max_pending = support.pending_limit(self.max_pending, pl_module)
+            worker = BackgroundSampler(pack_payload(pl_module, self.loss_fn, self._jobs()), self.worker_device,
+                                       self.worker_threads)
+            self._link = support.WorkerLink(worker, support.pending_limit(self.max_pending, pl_module),
+                                            lambda step, results: self._publish(trainer, step, results))
         self._maybe_measure(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._should_skip(trainer):
-            self._collect(trainer, wait=False)
+        if not support.is_dry_run(trainer):
+            self._collect(wait=False)
             self._maybe_measure(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._collect(trainer, wait=True)  # outstanding estimates are logged before fit returns
+        self._collect(wait=True)  # outstanding estimates are logged before fit returns
         self._stop_worker()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -231,7 +219,6 @@ class LLCMonitor(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stop_worker()
-        self._trainer = None
 
     # ------------------------------------------------------------------ measuring
     def _maybe_measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -240,36 +227,30 @@ class LLCMonitor(Callback):
         step = trainer.global_step
         if step <= self._last_step or not self.schedule.is_due(step):
             return
-        if self._worker is not None and self._worker.pending and callable(getattr(self.schedule, "observe", None)):
+        link = self._link
+        if link is not None and link.num_pending and callable(getattr(self.schedule, "observe", None)):
             return  # an adaptive schedule decides after the pending estimate; Adaptive catches up late steps
-        if self._worker is not None and len(self._worker.pending) >= self._max_pending:
+        if link is not None and link.num_pending >= link.max_pending:
             if self.when_busy == "skip":
                 self._last_step = step
                 self.skipped_steps.append(step)
                 return
-            self._collect(trainer, wait=True, count=1)
+            link.collect(wait=True, count=1)
         self._last_step = step
         if self.calibrate == "once" and self._calibrated_settings is None:
             self._calibrate(trainer, pl_module, step)
         rank, world_size = trainer.global_rank, trainer.world_size
         settings = self.settings.replace(num_chains=local_chains(self.num_chains, rank, world_size))
         seed = derive_seed(self.seed, step, rank)
-        if self._worker is not None:
-            try:
-                self._worker.submit(snapshot_request(pl_module, step, settings, seed))
-                return
-            except WorkerDied as err:  # this step is then sampled here, after the snapshots in flight
-                self._fall_back(trainer, err)
+        # a dead worker falls back (its snapshots in flight first) and this step is sampled here
+        if link is not None and link.submit(snapshot_request(pl_module, step, settings, seed)):
+            return
         progress = support.Progress(trainer, step) if self.progress else None
-        local = self._estimate(pl_module, settings, seed, progress)
+        local = estimate_llcs(pl_module, self.loss_fn, self._jobs(), settings=settings, seed=seed,
+                              device=pl_module.device, dtype=torch.float32, progress=progress)
         self.last_progress = None if progress is None else progress.last
         results = local if world_size == 1 else gather_chains(local, trainer.strategy.root_device)
         self._publish(trainer, step, results)
-
-    def _estimate(self, model: torch.nn.Module, settings: SGLDSettings, seed: int,
-                  progress: Callable[[int, int], None] | None) -> dict[str, LLCResult]:
-        return estimate_llcs(model, self.loss_fn, self._jobs(), settings=settings, seed=seed, device=model.device,
-                             dtype=torch.float32, progress=progress)
 
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         """Choose lr and localization once, on rank 0, and share them with every rank. A failed
@@ -284,27 +265,9 @@ class LLCMonitor(Callback):
         if ok:
             self._calibrated_settings = dict(chosen)
 
-    def _collect(self, trainer: pl.Trainer, wait: bool, count: int | None = None) -> None:
-        """Publish the worker's answers (those that arrived, or wait); on a dead worker, warn and
-        redo its pending snapshots here, then go on synchronously."""
-        if self._worker is None:
-            return
-        try:
-            answers = self._worker.wait(count) if wait else self._worker.ready()
-        except WorkerDied as err:
-            self._fall_back(trainer, err)
-            return
-        for request, results in answers:
-            self._publish(trainer, request.step, results)
-
-    def _fall_back(self, trainer: pl.Trainer, err: WorkerDied) -> None:
-        """The worker is gone: warn, estimate its snapshots in flight here (same seeds), go on synchronously."""
-        worker, self._worker = self._worker, None
-        assert worker is not None
-        warnings.warn(f"{err}. Falling back to synchronous sampling; the {len(worker.pending)} snapshot(s) "
-                      "in flight are estimated in the training process.", RuntimeWarning, stacklevel=3)
-        for request, results in worker.redo_in_process():
-            self._publish(trainer, request.step, results)
+    def _collect(self, wait: bool) -> None:
+        if self._link is not None:
+            self._link.collect(wait)
 
     def _publish(self, trainer: pl.Trainer, step: int, results: dict[str, LLCResult]) -> None:
         self._warned_unhealthy = support.publish(trainer, step, results, self.history, self._warned_unhealthy)
@@ -314,15 +277,14 @@ class LLCMonitor(Callback):
             observe(step, results[self.prefix].mean, results[self.prefix].stderr)
 
     def _stop_worker(self, timeout: float = 10.0) -> None:
-        if self._worker is not None:
-            self.worker_startup_s = self._worker.startup_s
-            self._worker.close(timeout)
-            self._worker = None
+        if self._link is not None:
+            self._link.close(timeout)
+            self.worker_startup_s = self._link.startup_s if self._link.startup_s is not None else self.worker_startup_s
+            self._link = None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        if self._trainer is not None:
-            self._collect(self._trainer, wait=True)  # a checkpoint holds every estimate taken before it
+        self._collect(wait=True)  # a checkpoint holds every estimate taken before it
         state: dict[str, Any] = {"history": self.history.state_dict(), "last_step": self._last_step, "version": 1}
         if self._calibrated_settings is not None:
             state["calibrated_settings"] = dict(self._calibrated_settings)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,11 +21,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from devinterp_lightning.sampling.result import LLCResult
 from devinterp_lightning.sampling.settings import SGLDSettings
 from devinterp_lightning.sampling.snapshot import forked_rng
+from devinterp_lightning.sampling.worker import BackgroundSampler, EstimateRequest, WorkerDied
 from devinterp_lightning.series import SeriesPoint, SeriesStore
 
 __all__ = [
     "Progress",
+    "WorkerLink",
     "cache_train_batches",
+    "is_dry_run",
     "calibrate_on_rank_zero",
     "check_names",
     "check_options",
@@ -73,6 +77,11 @@ def resolve_dotted(path: str) -> Any:
         f"cannot resolve {path!r}: no prefix of it is an importable module. Check that the package is "
         "installed or on PYTHONPATH (run from the repository root for 'examples.*' paths)."
     )
+
+
+def is_dry_run(trainer: pl.Trainer) -> bool:
+    """Sanity checking and ``fast_dev_run`` exercise the loop; an estimate there would only cost time."""
+    return trainer.sanity_checking or bool(trainer.fast_dev_run)
 
 
 def check_names(restrictions: Mapping[str, Any], datasets: Mapping[str, Any], cross: bool) -> None:
@@ -301,3 +310,69 @@ def publish(trainer: pl.Trainer, step: int, results: Mapping[str, LLCResult], hi
                 "LLCMonitor: step %d: unhealthy estimates %s; the flags are kept in monitor.history "
                 "(see docs/troubleshooting.md)", step, unhealthy)
     return warned or bool(unhealthy)
+
+
+class WorkerLink:
+    """The training side of a background worker: snapshots in flight (at most ``max_pending``),
+    answers handed to ``publish(step, results)`` as they arrive, and the fall-back when the worker
+    dies: a warning, then its snapshots in flight estimated in-process with the same seeds.
+
+    After a fall-back :attr:`alive` is False and the monitor samples synchronously.
+    """
+
+    def __init__(self, worker: BackgroundSampler, max_pending: int,
+                 publish: Callable[[int, dict[str, LLCResult]], None]) -> None:
+        self.worker: BackgroundSampler | None = worker
+        self.max_pending = max_pending
+        self.publish = publish
+        #: seconds the worker took to start (imports and unpickling), once it was closed
+        self.startup_s: float | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.worker is not None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.worker is None else self.worker.pid
+
+    @property
+    def num_pending(self) -> int:
+        return 0 if self.worker is None else len(self.worker.pending)
+
+    def submit(self, request: EstimateRequest) -> bool:
+        """Send a snapshot; False when the worker is gone (it has fallen back: sample it here)."""
+        if self.worker is None:
+            return False
+        try:
+            self.worker.submit(request)
+            return True
+        except WorkerDied as err:
+            self.fall_back(err)
+            return False
+
+    def collect(self, wait: bool, count: int | None = None) -> None:
+        """Publish the answers that arrived (or wait for ``count`` of them, all by default)."""
+        if self.worker is None:
+            return
+        try:
+            answers = self.worker.wait(count) if wait else self.worker.ready()
+        except WorkerDied as err:
+            self.fall_back(err)
+            return
+        for request, results in answers:
+            self.publish(request.step, results)
+
+    def fall_back(self, err: WorkerDied) -> None:
+        worker, self.worker = self.worker, None
+        assert worker is not None
+        warnings.warn(f"{err}. Falling back to synchronous sampling; the {len(worker.pending)} snapshot(s) "
+                      "in flight are estimated in the training process.", RuntimeWarning, stacklevel=4)
+        for request, results in worker.redo_in_process():
+            self.publish(request.step, results)
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self.worker is not None:
+            self.startup_s = self.worker.startup_s
+            self.worker.close(timeout)
+            self.worker = None
