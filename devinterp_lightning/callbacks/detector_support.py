@@ -1,0 +1,54 @@
+"""Lightning-side helpers of :class:`~devinterp_lightning.callbacks.stage_detector.StageDetector`:
+the skip guard, the sampling interval, the TensorBoard sink of rank zero, checkpoint paths, logging
+to every logger and the rank reduction of an action decision. The bookkeeping itself is in
+:mod:`devinterp_lightning.stages.watch` (no Lightning there)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from devinterp_lightning.logging.tensorboard import TensorBoardStageSink
+
+__all__ = ["any_rank", "checkpoint_path", "log_metrics", "sample_interval", "should_skip", "stage_sink"]
+
+
+def should_skip(trainer: pl.Trainer) -> bool:
+    """Lightning's ``EarlyStopping`` guard: nothing during the sanity check, and nothing in a
+    ``fast_dev_run`` (a smoke test must not save checkpoints or stop on a transition)."""
+    return bool(trainer.sanity_checking or trainer.fast_dev_run)
+
+
+def sample_interval(trainer: pl.Trainer, every_n_steps: int | None) -> int:
+    """Optimizer steps between two reads of a key no probe provides: ``every_n_steps``, or by default
+    the trainer's ``log_every_n_steps`` (the interval at which Lightning logs such metrics)."""
+    if every_n_steps is not None:
+        return every_n_steps
+    return max(1, int(getattr(trainer, "log_every_n_steps", 50) or 1))
+
+
+def stage_sink(trainer: pl.Trainer) -> TensorBoardStageSink:
+    """The markers' sink: the trainer's TensorBoard writers on global rank zero, none elsewhere."""
+    if not trainer.is_global_zero:
+        return TensorBoardStageSink([])
+    return TensorBoardStageSink(lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger))
+
+
+def checkpoint_path(directory: str, rule_name: str, step: int) -> str:
+    """Where a rule's ``checkpoint`` action saves: ``<directory>/<rule>-step=<step>.ckpt``."""
+    return os.path.join(directory, f"{rule_name}-step={step}.ckpt")
+
+
+def log_metrics(trainer: pl.Trainer, metrics: dict[str, Any], step: int) -> None:
+    """Send ``metrics`` at ``step`` to every logger of the trainer."""
+    for lg in trainer.loggers:
+        lg.log_metrics(metrics, step=step)
+
+
+def any_rank(trainer: pl.Trainer, flag: bool) -> bool:
+    """Whether ``flag`` holds on at least one rank. A collective: every rank must call it, in the
+    same order, whatever it saw locally."""
+    return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
