@@ -1,5 +1,5 @@
 """Lightning-side helpers of :class:`~devinterp_lightning.callbacks.stage_detector.StageDetector`:
-the skip guard, the sampling interval, the TensorBoard sink of rank zero, checkpoint paths, logging
+argument checks, the skip guard, the sampling interval, the TensorBoard sink of rank zero, checkpoint paths, logging
 to every logger and the rank reduction of an action decision. The bookkeeping itself is in
 :mod:`devinterp_lightning.stages.watch` (no Lightning there)."""
 
@@ -12,8 +12,22 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from devinterp_lightning.logging.tensorboard import TensorBoardStageSink
+from devinterp_lightning.stages.watch import BOUNDARIES, METHODS
 
-__all__ = ["any_rank", "checkpoint_path", "log_metrics", "sample_interval", "should_skip", "stage_sink"]
+__all__ = ["any_rank", "check_arguments", "checkpoint_path", "log_metrics", "sample_interval", "save_loggers",
+           "should_skip", "stage_sink"]
+
+
+def check_arguments(monitor: Any, every_n_steps: Any, stage_boundaries: Any, method: Any) -> None:
+    """Raise ``ValueError`` naming the first bad ``StageDetector`` argument, at construction."""
+    if not isinstance(monitor, str) or not monitor:
+        raise ValueError(f"StageDetector: monitor must be a non-empty metric name, got {monitor!r}")
+    if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
+        raise ValueError(f"StageDetector: every_n_steps must be a positive int or None, got {every_n_steps!r}")
+    if stage_boundaries not in BOUNDARIES:
+        raise ValueError(f"StageDetector: unknown stage_boundaries {stage_boundaries!r}")
+    if method not in METHODS:
+        raise ValueError(f"StageDetector: unknown method {method!r}; use one of {', '.join(METHODS)}")
 
 
 def should_skip(trainer: pl.Trainer) -> bool:
@@ -46,6 +60,12 @@ def log_metrics(trainer: pl.Trainer, metrics: dict[str, Any], step: int) -> None
     """Send ``metrics`` at ``step`` to every logger of the trainer."""
     for lg in trainer.loggers:
         lg.log_metrics(metrics, step=step)
+
+
+def save_loggers(trainer: pl.Trainer) -> None:
+    """Make every logger write out what it holds (before a halt)."""
+    for lg in trainer.loggers:
+        lg.save()
 
 
 def any_rank(trainer: pl.Trainer, flag: bool) -> bool:

@@ -19,9 +19,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from devinterp_lightning import tags
 from devinterp_lightning.callbacks.detector_support import (
     any_rank,
+    check_arguments,
     checkpoint_path,
     log_metrics,
     sample_interval,
+    save_loggers,
     should_skip,
     stage_sink,
 )
@@ -30,8 +32,7 @@ from devinterp_lightning.logging.tensorboard import TensorBoardStageSink, band_m
 from devinterp_lightning.rules import AlertRule, Firing, RuleEngine, coerce_rules
 from devinterp_lightning.series import SeriesPoint, SeriesStore
 from devinterp_lightning.stages.events import Stage, Transition
-from devinterp_lightning.stages.segments import stage_index_at
-from devinterp_lightning.stages.watch import BOUNDARIES, METHODS, StageBoundaries, StageMethod, StageWatch
+from devinterp_lightning.stages.watch import METHODS, StageBoundaries, StageMethod, StageWatch, describe
 
 __all__ = ["METHODS", "StageBoundaries", "StageDetector", "StageMethod"]
 
@@ -93,14 +94,7 @@ class StageDetector(Callback):
         images: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(monitor, str) or not monitor:
-            raise ValueError(f"StageDetector: monitor must be a non-empty metric name, got {monitor!r}")
-        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
-            raise ValueError(f"StageDetector: every_n_steps must be a positive int or None, got {every_n_steps!r}")
-        if stage_boundaries not in BOUNDARIES:
-            raise ValueError(f"StageDetector: unknown stage_boundaries {stage_boundaries!r}")
-        if method not in METHODS:
-            raise ValueError(f"StageDetector: unknown method {method!r}; use one of {', '.join(METHODS)}")
+        check_arguments(monitor, every_n_steps, stage_boundaries, method)
         self.monitor = monitor
         self.rules: list[AlertRule] = coerce_rules(rules)  # raises RuleConfigError now, not mid-run
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
@@ -119,7 +113,6 @@ class StageDetector(Callback):
         )
         self.keys: list[str] = self.watch.keys
         self.engine = RuleEngine(self.rules)
-        self._index_logged: dict[str, int] = {}  # last step whose stage index went to the loggers
         self._ckpt_rules = [r for r in self.rules if "checkpoint" in r.actions]
         self._halt = any("halt" in r.actions for r in self.rules)
         self._sink = TensorBoardStageSink([])
@@ -196,10 +189,8 @@ class StageDetector(Callback):
             for key in self.keys:
                 self._write_curve(key, trainer.global_step)
         self._sink.flush()
-        for key in self.keys:
-            message = self.missing_message(key, sorted(trainer.callback_metrics))
-            if message is not None:
-                rank_zero_warn(message, category=UserWarning)
+        for message in filter(None, (self.missing_message(k, sorted(trainer.callback_metrics)) for k in self.keys)):
+            rank_zero_warn(message, category=UserWarning)
 
     # ------------------------------------------------------------------ intake
     def _poll(self, trainer: pl.Trainer) -> None:
@@ -234,38 +225,23 @@ class StageDetector(Callback):
             self._on_transition(trainer, t, step)
         for f in self.engine.on_point(key, p.step, p.value, step):
             self._on_firing(trainer, f)
-        metrics = {tags.stage_index_key(key, self.monitor): float(stage_index_at(self.stages_for(key), p.step))}
-        metrics.update(band_metrics(key, p.value, p.std))
-        log_metrics(trainer, metrics, p.step)
-        self._index_logged[key] = p.step
+        index = float(self.watch.stage_index(key, p.step))
+        log_metrics(trainer, {tags.stage_index_key(key, self.monitor): index, **band_metrics(key, p.value, p.std)},
+                    p.step)
+        self.watch.mark_indexed(key, p.step)
 
     # ------------------------------------------------------------------ reactions
     def _on_transition(self, trainer: pl.Trainer, t: Transition, step: int) -> None:
         self.watch.record(t)
-        stages = self.stages_for(t.monitor)
         if trainer.is_global_zero:
-            log.info(
-                "StageDetector: %s %s of %s at step %d (%.4g -> %.4g), confirmed at step %d (delay %d)",
-                t.kind, t.direction, t.monitor, t.changepoint_step, t.level_before, t.level_after, t.step,
-                t.detection_delay,
-            )
-        if self.watch.is_boundary(t):
-            self._relog_index_from_onset(trainer, t.monitor, t.changepoint_step, stages)
-        self._sink.write_transition(t, step, stage_index_at(stages, t.changepoint_step) if stages else None)
+            log.info("StageDetector: %s", describe(t))
+        for at, index in self.watch.reindex(t):  # TensorBoard re-plots from there (docs/tensorboard.md)
+            log_metrics(trainer, {tags.stage_index_key(t.monitor, self.monitor): float(index)}, at)
+        self._sink.write_transition(t, step, self.watch.onset_index(t))
         if self.images:
             self._write_curve(t.monitor, step)
         for f in self.engine.on_transition(t, step):
             self._on_firing(trainer, f)
-
-    def _relog_index_from_onset(self, trainer: pl.Trainer, key: str, onset: int, stages: list[Stage]) -> None:
-        """Write the stage index again, with the new boundary, at every step from the onset on that
-        was already logged (docs/tensorboard.md): TensorBoard replaces a series' points from the
-        first step that goes back, so the chart switches at the onset, not at the confirmation."""
-        name = tags.stage_index_key(key, self.monitor)
-        last = self._index_logged.get(key, -1)
-        for q in self.series.get(key):
-            if onset <= q.step <= last:
-                log_metrics(trainer, {name: float(stage_index_at(stages, q.step))}, q.step)
 
     def _on_firing(self, trainer: pl.Trainer, f: Firing) -> None:
         text = f.describe()
@@ -279,13 +255,8 @@ class StageDetector(Callback):
             self._pending_halt.append(f)
 
     def _write_curve(self, key: str, step: int) -> None:
-        if not self._sink:
-            return
-        pts = self.series.get(key)
-        self._sink.write_curve(
-            key, [p.step for p in pts], [p.value for p in pts], [p.std for p in pts],
-            self.stages_for(key), self.watch.transitions(key), step,
-        )
+        if self._sink:  # rank zero with a TensorBoard logger: elsewhere, no stage fit for nothing
+            self._sink.write_curve(key, *self.watch.curve(key), step)
 
     # ------------------------------------------------------------------ decide, then act on every rank
     def decide_halt(self) -> tuple[bool, str | None]:
@@ -316,16 +287,13 @@ class StageDetector(Callback):
             log.warning("StageDetector: halting training at step %d (%s)", trainer.global_step,
                         reason or "a rule fired on another rank")
         self._sink.flush()
-        for lg in trainer.loggers:
-            lg.save()
+        save_loggers(trainer)
         trainer.should_stop = True
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, **self.watch.state_dict(), "rules": self.engine.state_dict(),
-                "index_logged": dict(self._index_logged)}
+        return {"version": 1, **self.watch.state_dict(), "rules": self.engine.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.watch.load_state_dict(state_dict)
         self.engine.load_state_dict(state_dict["rules"])
-        self._index_logged = {k: int(v) for k, v in state_dict.get("index_logged", {}).items()}

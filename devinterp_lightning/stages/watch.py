@@ -24,10 +24,10 @@ from devinterp_lightning.stages.base import Tracker
 from devinterp_lightning.stages.changepoints import ChangepointTracker
 from devinterp_lightning.stages.events import Stage, Transition
 from devinterp_lightning.stages.plateaus import PlateauTracker
-from devinterp_lightning.stages.segments import build_stages
+from devinterp_lightning.stages.segments import build_stages, stage_index_at
 from devinterp_lightning.stages.turning_points import TurningPointTracker
 
-__all__ = ["BOUNDARIES", "METHODS", "StageBoundaries", "StageMethod", "StageWatch", "make_tracker"]
+__all__ = ["BOUNDARIES", "METHODS", "StageBoundaries", "StageMethod", "StageWatch", "describe", "make_tracker"]
 
 StageBoundaries = Literal["auto", "changepoint", "turning_point", "any"]
 StageMethod = Literal["plateau", "binseg", "pelt", "bottomup"]
@@ -43,6 +43,12 @@ def make_tracker(key: str, method: StageMethod, settings: dict[str, Any] | None 
     if method == "plateau":
         return PlateauTracker(key, **(settings or {}))
     return ChangepointTracker(key, method=method, **(settings or {}))
+
+
+def describe(t: Transition) -> str:
+    """One line for a log: kind, direction, key, onset, levels, confirmation step and delay."""
+    return (f"{t.kind} {t.direction} of {t.monitor} at step {t.changepoint_step} ({t.level_before:.4g} -> "
+            f"{t.level_after:.4g}), confirmed at step {t.step} (delay {t.detection_delay})")
 
 
 def _identity(t: Transition) -> tuple[Any, ...]:
@@ -92,6 +98,7 @@ class StageWatch:
         self._adopted: dict[str, set[tuple[Any, ...]]] = {k: set() for k in self.keys}
         self._last_step: dict[str, int] = {}
         self._skipped: dict[str, Counter[str]] = {k: Counter() for k in self.keys}
+        self._indexed: dict[str, int] = {}  # last step whose stage index was published, per key
 
     # ------------------------------------------------------------------ intake
     def last_step(self, key: str) -> int:
@@ -171,6 +178,35 @@ class StageWatch:
         pts = self.series.get(key)
         return build_stages([p.step for p in pts], [p.value for p in pts], self.boundaries(key))
 
+    def stage_index(self, key: str, step: int) -> int:
+        """The index of the stage of ``key`` that holds ``step``, with the boundaries known now."""
+        return stage_index_at(self.stages(key), step)
+
+    def onset_index(self, t: Transition) -> int | None:
+        """The stage index at the onset of ``t`` (recorded), ``None`` while ``t.monitor`` has no stage."""
+        stages = self.stages(t.monitor)
+        return stage_index_at(stages, t.changepoint_step) if stages else None
+
+    def mark_indexed(self, key: str, step: int) -> None:
+        """Note that the stage index of ``key`` was published up to ``step``."""
+        self._indexed[key] = step
+
+    def reindex(self, t: Transition) -> list[tuple[int, int]]:
+        """After recording ``t``: ``(step, stage index)`` of every taken point from its onset up to the
+        last published index, with the boundaries known now; empty when ``t`` is no boundary. A chart
+        that re-plots them switches stage at the onset, not at the confirmation."""
+        if not self.is_boundary(t):
+            return []
+        last, stages = self._indexed.get(t.monitor, -1), self.stages(t.monitor)
+        return [(p.step, stage_index_at(stages, p.step)) for p in self.series.get(t.monitor)
+                if t.changepoint_step <= p.step <= last]
+
+    def curve(self, key: str) -> tuple[list[int], list[float], list[float], list[Stage], list[Transition]]:
+        """What a curve image of ``key`` shows: steps, values, stds, stages and recorded transitions."""
+        pts = self.series.get(key)
+        return ([p.step for p in pts], [p.value for p in pts], [p.std for p in pts], self.stages(key),
+                self.transitions(key))
+
     def skipped(self, key: str) -> Counter[str]:
         """How many points of ``key`` were skipped, by flag (``"not finite"`` for non-finite values)."""
         return Counter(self._skipped.get(key, {}))
@@ -206,6 +242,7 @@ class StageWatch:
             "transitions": {k: [t.to_dict() for t in ts] for k, ts in self._transitions.items()},
             "adopted": {k: [dict(i) for i in ids] for k, ids in self._adopted.items()},
             "skipped": {k: dict(c) for k, c in self._skipped.items()},
+            "index_logged": dict(self._indexed),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -228,3 +265,4 @@ class StageWatch:
         for k, counts in state.get("skipped", {}).items():
             if k in self._skipped:
                 self._skipped[k] = Counter({str(r): int(n) for r, n in counts.items()})
+        self._indexed = {k: int(v) for k, v in state.get("index_logged", {}).items()}
