@@ -174,7 +174,8 @@ def test_decide_halt_is_pure_and_names_the_reason():
     det = StageDetector(rules=[AlertRule(name="stop", monitor="llc/mean", actions=["halt"])])
     assert det.decide_halt() == (False, None)
     t = Transition("llc/mean", 70, 60, "increase", 1.0, 4.0)
-    det._pending_halt.extend(det.engine.on_transition(t, 70))
+    for f in det.engine.on_transition(t, 70):
+        det.actions.add(f)
     stop, reason = det.decide_halt()
     assert stop and reason is not None and "rule 'stop' fired at step 70" in reason
     assert det.decide_halt() == (stop, reason)  # no side effect

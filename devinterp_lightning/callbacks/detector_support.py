@@ -1,21 +1,26 @@
 """Lightning-side helpers of :class:`~devinterp_lightning.callbacks.stage_detector.StageDetector`:
-argument checks, the skip guard, the sampling interval, the TensorBoard sink of rank zero, checkpoint paths, logging
-to every logger and the rank reduction of an action decision. The bookkeeping itself is in
+argument checks, the skip guard, the sampling interval, the TensorBoard sink of rank zero, checkpoint
+paths, logging to every logger, the rank reduction of an action decision, and the queue of actions
+that rules asked for (:class:`RuleActions`, plain state). The per-key bookkeeping is in
 :mod:`devinterp_lightning.stages.watch` (no Lightning there)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from devinterp_lightning.logging.tensorboard import TensorBoardStageSink
+from devinterp_lightning.rules import AlertRule, Firing
 from devinterp_lightning.stages.watch import BOUNDARIES, METHODS
 
-__all__ = ["any_rank", "check_arguments", "checkpoint_path", "log_metrics", "sample_interval", "save_loggers",
-           "should_skip", "stage_sink"]
+__all__ = [
+    "RuleActions", "any_rank", "check_arguments", "checkpoint_path", "log_metrics", "sample_interval",
+    "save_loggers", "should_skip", "stage_sink",
+]
 
 
 def check_arguments(monitor: Any, every_n_steps: Any, stage_boundaries: Any, method: Any) -> None:
@@ -23,7 +28,9 @@ def check_arguments(monitor: Any, every_n_steps: Any, stage_boundaries: Any, met
     if not isinstance(monitor, str) or not monitor:
         raise ValueError(f"StageDetector: monitor must be a non-empty metric name, got {monitor!r}")
     if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
-        raise ValueError(f"StageDetector: every_n_steps must be a positive int or None, got {every_n_steps!r}")
+        raise ValueError(
+            f"StageDetector: every_n_steps must be a positive int or None, got {every_n_steps!r}"
+        )
     if stage_boundaries not in BOUNDARIES:
         raise ValueError(f"StageDetector: unknown stage_boundaries {stage_boundaries!r}")
     if method not in METHODS:
@@ -72,3 +79,38 @@ def any_rank(trainer: pl.Trainer, flag: bool) -> bool:
     """Whether ``flag`` holds on at least one rank. A collective: every rank must call it, in the
     same order, whatever it saw locally."""
     return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
+
+
+class RuleActions:
+    """The checkpoint and halt actions that rules asked for on this rank since the last decision, in
+    firing order. Plain state, no collective call: the callback reduces :meth:`wants_checkpoint` and
+    :meth:`decide_halt` over the ranks with :func:`any_rank`, then calls :meth:`clear`."""
+
+    def __init__(self, rules: Sequence[AlertRule]) -> None:
+        self.checkpoint_rules = [r for r in rules if "checkpoint" in r.actions]
+        self.can_halt = any("halt" in r.actions for r in rules)
+        self.checkpoints: set[str] = set()
+        self.halts: list[Firing] = []
+
+    def add(self, f: Firing) -> None:
+        """Queue the checkpoint and/or halt actions of a firing (its ``log`` action is immediate)."""
+        if "checkpoint" in f.rule.actions:
+            self.checkpoints.add(f.rule.name)
+        if "halt" in f.rule.actions:
+            self.halts.append(f)
+
+    def wants_checkpoint(self, rule: AlertRule) -> bool:
+        """Whether ``rule`` fired a checkpoint action since the last :meth:`clear`."""
+        return rule.name in self.checkpoints
+
+    def decide_halt(self) -> tuple[bool, str | None]:
+        """Whether a rule asked to halt, and the first such firing's description. No side effect."""
+        if not self.halts:
+            return False, None
+        return True, self.halts[0].describe()
+
+    def clear(self, *, halts: bool = True) -> None:
+        """Forget the queued checkpoints, and the queued halts unless ``halts=False``."""
+        self.checkpoints.clear()
+        if halts:
+            self.halts.clear()

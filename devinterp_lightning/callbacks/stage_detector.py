@@ -1,9 +1,10 @@
 """StageDetector: stage transitions of monitored scalars, and the alert rules that react to them.
 
 Thin glue: where points come from, rank-safe actions, state in ``state_dict``. The per-key bookkeeping
-(series, trackers, transitions, stages, skipped points) is :class:`~devinterp_lightning.stages.watch.StageWatch`,
-the rules are :mod:`devinterp_lightning.rules`, the TensorBoard markers
-:mod:`devinterp_lightning.logging.tensorboard`, the Lightning-side helpers :mod:`.detector_support`.
+(series, trackers, transitions, stages, skipped points) is
+:class:`~devinterp_lightning.stages.watch.StageWatch`, the rules are :mod:`devinterp_lightning.rules`, the
+TensorBoard markers :mod:`devinterp_lightning.logging.tensorboard`, the Lightning-side helpers and the
+queue of rule actions :mod:`devinterp_lightning.callbacks.detector_support`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from devinterp_lightning import tags
 from devinterp_lightning.callbacks.detector_support import (
+    RuleActions,
     any_rank,
     check_arguments,
     checkpoint_path,
@@ -44,17 +46,17 @@ class StageDetector(Callback):
 
     Where points come from, per watched key (see docs/stages.md):
 
-    * a *probe*: a callback with a ``history: SeriesStore`` holding the key (``LLCMonitor``). Each new
-      point is taken with its ``stderr`` as a lower bound on the noise; points with health flags are
-      skipped when ``ignore_flagged``;
-    * otherwise ``trainer.callback_metrics[key]``, read every ``every_n_steps`` optimizer steps (for a
-      metric logged every step such as the loss; default: the trainer's ``log_every_n_steps``);
+    * a *probe*: a callback with a ``history: SeriesStore`` holding the key (``LLCMonitor``). Each new point
+      is taken with its ``stderr`` as a lower bound on the noise; points with health flags are skipped when
+      ``ignore_flagged``;
+    * otherwise ``trainer.callback_metrics[key]``, read every ``every_n_steps`` optimizer steps (for a metric
+      logged every step such as the loss; default: the trainer's ``log_every_n_steps``);
     * transitions published by any callback's ``published_transitions(key)`` are adopted as they are.
 
     Args:
         monitor: the main key; :attr:`transitions` and :attr:`stages` are about it.
-        rules: a YAML path, an :class:`~devinterp_lightning.rules.AlertRule` or a list of them.
-            Rules may name other monitors; those are watched too.
+        rules: a YAML path, an :class:`~devinterp_lightning.rules.AlertRule` or a list of them. Rules may
+            name other monitors; those are watched too.
         checkpoint_dir: where ``checkpoint`` actions save ``<rule>-step=<step>.ckpt``; default
             ``<trainer.default_root_dir>/stage_checkpoints``.
         every_n_steps: sampling interval for keys no probe provides (``None``: the trainer's
@@ -65,12 +67,12 @@ class StageDetector(Callback):
             ``"bottomup"``: shifts of a piecewise-constant mean with ruptures
             (:class:`~devinterp_lightning.stages.changepoints.ChangepointTracker`).
         penalty_scale, min_size, confirm, max_points: settings of that tracker (``None``: its default).
-        turning_points: also report turning points (slope sign changes). Off by default: their
-            false-alarm rate on autocorrelated noise is above 5% (docs/stages.md).
+        turning_points: also report turning points (slope sign changes). Off by default: their false-alarm
+            rate on autocorrelated noise is above 5% (docs/stages.md).
         turning_window, turning_z: turning-point settings
             (:class:`~devinterp_lightning.stages.turning_points.TurningPointTracker`).
-        stage_boundaries: which transitions split stages: ``"auto"`` (changepoints; for a key that
-            only has published transitions, those), ``"changepoint"``, ``"turning_point"``, ``"any"``.
+        stage_boundaries: which transitions split stages: ``"auto"`` (changepoints; for a key that only has
+            published transitions, those), ``"changepoint"``, ``"turning_point"``, ``"any"``.
         images: write the curve image to TensorBoard at each transition and at the end.
     """
 
@@ -99,6 +101,7 @@ class StageDetector(Callback):
         self.rules: list[AlertRule] = coerce_rules(rules)  # raises RuleConfigError now, not mid-run
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.every_n_steps = every_n_steps
+        self._sample_every = every_n_steps or 1  # until setup() reads the trainer's logging interval
         self.ignore_flagged = ignore_flagged
         self.stage_boundaries = stage_boundaries
         self.images = images
@@ -113,11 +116,8 @@ class StageDetector(Callback):
         )
         self.keys: list[str] = self.watch.keys
         self.engine = RuleEngine(self.rules)
-        self._ckpt_rules = [r for r in self.rules if "checkpoint" in r.actions]
-        self._halt = any("halt" in r.actions for r in self.rules)
+        self.actions = RuleActions(self.rules)  # checkpoint/halt requests awaiting the rank-wide decision
         self._sink = TensorBoardStageSink([])
-        self._pending_ckpt: set[str] = set()
-        self._pending_halt: list[Firing] = []
         self.halted_by: Firing | None = None
 
     # ------------------------------------------------------------------ public API
@@ -189,7 +189,8 @@ class StageDetector(Callback):
             for key in self.keys:
                 self._write_curve(key, trainer.global_step)
         self._sink.flush()
-        for message in filter(None, (self.missing_message(k, sorted(trainer.callback_metrics)) for k in self.keys)):
+        names = sorted(trainer.callback_metrics)
+        for message in filter(None, (self.missing_message(k, names) for k in self.keys)):
             rank_zero_warn(message, category=UserWarning)
 
     # ------------------------------------------------------------------ intake
@@ -209,11 +210,9 @@ class StageDetector(Callback):
         for cb in probes:
             if key in cb.history:
                 return self.watch.unseen(key, cb.history[key])
-        every = getattr(self, "_sample_every", self.every_n_steps or 1)
         step = trainer.global_step
-        if not self.watch.is_due(key, step, every) or key not in trainer.callback_metrics:
-            return []
-        return [SeriesPoint(step=step, value=float(trainer.callback_metrics[key]))]
+        due = self.watch.is_due(key, step, self._sample_every) and key in trainer.callback_metrics
+        return [SeriesPoint(step=step, value=float(trainer.callback_metrics[key]))] if due else []
 
     def _take_point(self, trainer: pl.Trainer, key: str, p: SeriesPoint, step: int) -> None:
         if p.flags:
@@ -225,9 +224,8 @@ class StageDetector(Callback):
             self._on_transition(trainer, t, step)
         for f in self.engine.on_point(key, p.step, p.value, step):
             self._on_firing(trainer, f)
-        index = float(self.watch.stage_index(key, p.step))
-        log_metrics(trainer, {tags.stage_index_key(key, self.monitor): index, **band_metrics(key, p.value, p.std)},
-                    p.step)
+        index = {tags.stage_index_key(key, self.monitor): float(self.watch.stage_index(key, p.step))}
+        log_metrics(trainer, {**index, **band_metrics(key, p.value, p.std)}, p.step)
         self.watch.mark_indexed(key, p.step)
 
     # ------------------------------------------------------------------ reactions
@@ -249,10 +247,7 @@ class StageDetector(Callback):
             if trainer.is_global_zero:
                 log.warning("StageDetector: %s", text)
             self._sink.write_rule(f.rule.name, text, f.step)
-        if "checkpoint" in f.rule.actions:
-            self._pending_ckpt.add(f.rule.name)
-        if "halt" in f.rule.actions:
-            self._pending_halt.append(f)
+        self.actions.add(f)
 
     def _write_curve(self, key: str, step: int) -> None:
         if self._sink:  # rank zero with a TensorBoard logger: elsewhere, no stage fit for nothing
@@ -262,27 +257,25 @@ class StageDetector(Callback):
     def decide_halt(self) -> tuple[bool, str | None]:
         """The pure decision step (Lightning ``EarlyStopping`` style): whether a rule asked this rank
         to halt since the last batch, and why. No collective call, no side effect."""
-        if not self._pending_halt:
-            return False, None
-        return True, self._pending_halt[0].describe()
+        return self.actions.decide_halt()
 
     def _act(self, trainer: pl.Trainer, *, allow_halt: bool) -> None:
         # Every rank runs the same collectives in the same order, whatever it saw locally.
-        for rule in self._ckpt_rules:
-            if any_rank(trainer, rule.name in self._pending_ckpt):
+        for rule in self.actions.checkpoint_rules:
+            if any_rank(trainer, self.actions.wants_checkpoint(rule)):
                 assert self.checkpoint_dir is not None
                 trainer.save_checkpoint(checkpoint_path(self.checkpoint_dir, rule.name, trainer.global_step))
-        self._pending_ckpt.clear()
-        if self._halt and allow_halt:
+        decide = self.actions.can_halt and allow_halt
+        if decide:
             should_stop, reason = self.decide_halt()
             if any_rank(trainer, should_stop):
                 self._stop(trainer, reason)
-            self._pending_halt.clear()
+        self.actions.clear(halts=decide)
 
     def _stop(self, trainer: pl.Trainer, reason: str | None) -> None:
         """The act step: record who stopped training, flush the loggers, set ``should_stop``."""
-        if self._pending_halt:
-            self.halted_by = self._pending_halt[0]
+        if self.actions.halts:
+            self.halted_by = self.actions.halts[0]
         if trainer.is_global_zero:
             log.warning("StageDetector: halting training at step %d (%s)", trainer.global_step,
                         reason or "a rule fired on another rank")

@@ -27,7 +27,9 @@ from devinterp_lightning.stages.plateaus import PlateauTracker
 from devinterp_lightning.stages.segments import build_stages, stage_index_at
 from devinterp_lightning.stages.turning_points import TurningPointTracker
 
-__all__ = ["BOUNDARIES", "METHODS", "StageBoundaries", "StageMethod", "StageWatch", "describe", "make_tracker"]
+__all__ = [
+    "BOUNDARIES", "METHODS", "StageBoundaries", "StageMethod", "StageWatch", "describe", "make_tracker",
+]
 
 StageBoundaries = Literal["auto", "changepoint", "turning_point", "any"]
 StageMethod = Literal["plateau", "binseg", "pelt", "bottomup"]
@@ -84,7 +86,9 @@ class StageWatch:
         ignore_flagged: bool = True,
     ) -> None:
         if stage_boundaries not in BOUNDARIES:
-            raise ValueError(f"unknown stage_boundaries {stage_boundaries!r}; use one of {', '.join(BOUNDARIES)}")
+            raise ValueError(
+                f"unknown stage_boundaries {stage_boundaries!r}; use one of {', '.join(BOUNDARIES)}"
+            )
         self.keys: list[str] = list(dict.fromkeys(keys))
         self.stage_boundaries = stage_boundaries
         self.ignore_flagged = ignore_flagged
@@ -222,11 +226,12 @@ class StageWatch:
         skipped = self._skipped[key]
         total = sum(skipped.values())
         if total:
-            counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+            by_count = sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))
+            counts = ", ".join(f"{reason}: {n}" for reason, n in by_count)
             return (f"StageDetector: all {total} points of {key!r} were skipped as flagged or not finite "
                     f"({counts}){rules}, so no stage could be detected. See docs/troubleshooting.md "
-                    "(\"Every point was flagged\") for what each flag means and how to get healthy estimates; "
-                    "ignore_flagged=False keeps flagged points.")
+                    "(\"Every point was flagged\") for what each flag means and how to get healthy "
+                    "estimates; ignore_flagged=False keeps flagged points.")
         have = "" if metric_names is None else f" (trainer.callback_metrics has {list(metric_names)[:10]})"
         return (f"StageDetector: {key!r} never appeared during training{rules}. Check the metric name{have} "
                 "and that its probe runs.")
