@@ -174,7 +174,8 @@ def test_decide_halt_is_pure_and_names_the_reason():
     det = StageDetector(rules=[AlertRule(name="stop", monitor="llc/mean", actions=["halt"])])
     assert det.decide_halt() == (False, None)
     t = Transition("llc/mean", 70, 60, "increase", 1.0, 4.0)
-    det._pending_halt.extend(det.engine.on_transition(t, 70))
+    for f in det.engine.on_transition(t, 70):
+        det.actions.add(f)
     stop, reason = det.decide_halt()
     assert stop and reason is not None and "rule 'stop' fired at step 70" in reason
     assert det.decide_halt() == (stop, reason)  # no side effect
@@ -319,3 +320,121 @@ def test_previous_binseg_model_is_still_available(tmp_path):
     assert [(t.direction, abs(t.changepoint_step - 60) <= 2) for t in det.transitions] == [("increase", True)]
     with pytest.raises(ValueError, match="unknown method 'l2'"):
         StageDetector(method="l2")
+
+
+# ---------------------------------------------------------------------- StageWatch / RuleActions, no Trainer
+def feed_step_function(watch, seed: int, key: str = "llc/mean", flag_steps=(), nan_steps=()) -> None:
+    """Offer a noisy 1 -> 4 step at step 60, one point every 2 steps, recording each confirmed transition."""
+    rng = np.random.default_rng(seed)
+    for step in range(2, 121, 2):
+        value = float("nan") if step in nan_steps else level(step) + 0.3 * float(rng.normal())
+        flags = ("diverged",) if step in flag_steps else ()
+        new = watch.update(key, SeriesPoint(step, value, std=0.6, stderr=0.3, flags=flags), now=step)
+        for t in new or []:
+            watch.record(t)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_watch_finds_the_step_and_splits_two_stages(seed):
+    from devinterp_lightning.stages.watch import StageWatch
+    w = StageWatch(["llc/mean"])
+    feed_step_function(w, seed)
+    (t,) = w.transitions("llc/mean")
+    # measured over seeds 0-7: onset exactly at 60, confirmed 4-14 steps later
+    assert (t.kind, t.direction, t.changepoint_step) == ("changepoint", "increase", 60)
+    assert 0 < t.detection_delay <= 20
+    stages = w.stages("llc/mean")
+    assert [(s.start_step, s.end_step) for s in stages] == [(2, 60), (60, None)]
+    assert stages[0].level == pytest.approx(1.0, abs=0.3) and stages[1].level == pytest.approx(4.0, abs=0.3)
+    assert (w.stage_index("llc/mean", 58), w.stage_index("llc/mean", 60)) == (0, 1)
+    assert w.onset_index(t) == 1 and w.is_boundary(t)
+    assert w.all_transitions == [t] and w.missing_message("llc/mean") is None
+
+
+def test_watch_skips_flagged_and_non_finite_points_and_says_why():
+    from devinterp_lightning.stages.watch import StageWatch
+    w = StageWatch(["llc/mean", "other"], ignore_flagged=True)
+    feed_step_function(w, 0, flag_steps=(10, 12, 14), nan_steps=(20,))
+    assert w.skipped("llc/mean") == {"diverged": 3, "not finite": 1}
+    assert not {10, 12, 14, 20} & set(w.series.steps("llc/mean")) and len(w.series.steps("llc/mean")) == 56
+    assert w.last_step("llc/mean") == 120 and w.last_step("other") == -1
+    kept = StageWatch(["llc/mean"], ignore_flagged=False)
+    feed_step_function(kept, 0, flag_steps=(10,), nan_steps=(20,))
+    assert 10 in kept.series.steps("llc/mean") and kept.skipped("llc/mean") == {"not finite": 1}
+    # a key whose every point was skipped names the counts, most frequent first, and the rules on it
+    none = StageWatch(["k"])
+    for step, flags in [(1, ("diverged",)), (2, ("diverged", "slow")), (3, ("slow",)), (4, ("diverged",))]:
+        assert none.update("k", SeriesPoint(step, 1.0, flags=flags), now=step) is None
+    msg = none.missing_message("k", ["r1"])
+    assert "all 5 points of 'k' were skipped" in msg and "(diverged: 3, slow: 2); rule(s) ['r1'] never applied" in msg
+    msg = w.missing_message("other", (), ["a", "b"])
+    assert "'other' never appeared during training" in msg and "callback_metrics has ['a', 'b']" in msg
+
+
+def test_watch_adopts_published_transitions_once_and_uses_them_as_boundaries():
+    from devinterp_lightning.stages.watch import StageWatch
+    w = StageWatch(["ed/trajectory"])  # no point of its own: "auto" boundaries are every transition
+    t = Transition("ed/trajectory", 40, 30, "increase", 0.0, 1.0, kind="turning_point")
+    assert w.adopt("ed/trajectory", t) is True
+    w.record(t)
+    assert w.adopt("ed/trajectory", Transition.from_dict(t.to_dict())) is False  # same transition again
+    assert w.boundaries("ed/trajectory") == [t] and w.transitions("ed/trajectory") == [t]
+    assert StageWatch(["x"], stage_boundaries="changepoint").boundaries("x") == []
+    with pytest.raises(ValueError, match="unknown stage_boundaries"):
+        StageWatch(["x"], stage_boundaries="all")
+
+
+def test_watch_reindexes_logged_points_from_the_onset():
+    from devinterp_lightning.stages.watch import StageWatch
+    w = StageWatch(["llc/mean"])
+    rng = np.random.default_rng(0)
+    relogged = []
+    for step in range(2, 121, 2):
+        p = SeriesPoint(step, level(step) + 0.3 * float(rng.normal()), stderr=0.3)
+        for t in w.update("llc/mean", p, now=step):
+            w.record(t)
+            relogged = w.reindex(t)
+            confirmed_at = t.step
+        w.mark_indexed("llc/mean", step)
+    # every point from the onset (60) up to the last indexed one before the confirmation, now in stage 1
+    assert relogged == [(s, 1) for s in range(60, confirmed_at, 2)] and relogged
+
+
+def test_watch_state_round_trip_continues_like_an_uninterrupted_run():
+    from devinterp_lightning.stages.watch import StageWatch
+    whole = StageWatch(["llc/mean"], turning_points=True)
+    feed_step_function(whole, 1)
+    first = StageWatch(["llc/mean"], turning_points=True)
+    rng = np.random.default_rng(1)
+    points = [SeriesPoint(s, level(s) + 0.3 * float(rng.normal()), std=0.6, stderr=0.3) for s in range(2, 121, 2)]
+    for p in points[:31]:  # stop mid-way, after the jump and before its confirmation
+        for t in first.update("llc/mean", p, now=p.step) or []:
+            first.record(t)
+    resumed = StageWatch(["llc/mean", "new/key"], turning_points=True)  # a key added between runs starts empty
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert resumed.unseen("llc/mean", points) == points[31:]
+    for p in points[31:]:
+        for t in resumed.update("llc/mean", p, now=p.step) or []:
+            resumed.record(t)
+    assert resumed.transitions("llc/mean") == whole.transitions("llc/mean") != []
+    assert resumed.stages("llc/mean") == whole.stages("llc/mean") and resumed.transitions("new/key") == []
+
+
+def test_rule_actions_queue_checkpoints_and_halts_until_cleared():
+    from devinterp_lightning.callbacks.detector_support import RuleActions
+    from devinterp_lightning.rules import RuleEngine
+    rules = [AlertRule(name="save", monitor="llc/mean", actions=["checkpoint"]),
+             AlertRule(name="stop", monitor="llc/mean", actions=["log", "halt"])]
+    actions = RuleActions(rules)
+    assert actions.checkpoint_rules == rules[:1] and actions.can_halt
+    assert actions.decide_halt() == (False, None)
+    for f in RuleEngine(rules).on_transition(Transition("llc/mean", 70, 60, "increase", 1.0, 4.0), 70):
+        actions.add(f)
+    assert actions.wants_checkpoint(rules[0]) and not actions.wants_checkpoint(rules[1])
+    stop, reason = actions.decide_halt()
+    assert stop and "rule 'stop' fired at step 70" in reason
+    actions.clear(halts=False)  # end of training: checkpoints are decided, halts are not
+    assert not actions.wants_checkpoint(rules[0]) and actions.decide_halt() == (stop, reason)
+    actions.clear()
+    assert actions.decide_halt() == (False, None)
+    assert not RuleActions(rules[:1]).can_halt
