@@ -478,6 +478,26 @@ RECURSION = ("it is this test suite: running it from one of its own tests would 
              "inside itself. CI runs it (.ci/run is exactly the README's command); checked: .ci/run runs it")
 
 
+FEWER_SEEDS = "as written: 100 seeds per row (minutes); the walkthrough runs the same code on a few seeds"
+
+
+def _files_written(path: str) -> Check:
+    def check(walk: Walk, result: Result) -> None:
+        out = walk.workspace / path
+        assert out.stat().st_size > 0 and out.stat().st_mtime >= time.time() - result.seconds - 5, path
+
+    return check
+
+
+def _help_lists(script: str, option: str) -> Check:
+    def check(walk: Walk, result: Result) -> None:
+        done = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0 and option in done.stdout, done.stdout + done.stderr
+
+    return check
+
+
 def _installed_editable_from_here() -> bool:
     """Is devinterp-lightning installed in editable mode from this checkout (as .ci/run does)?"""
     from importlib import metadata
@@ -567,6 +587,32 @@ COMMANDS: dict[str, Entry] = {
         instead="tensorboard --logdir runs/superposition --host 127.0.0.1 --port {port}",
         probe="/data/plugin/scalars/tags", ready_text='"llc/mean"', check=_tensorboard_sees("runs/superposition", "llc/mean"),
         why="a free port instead of 6006"),
+    "python examples/in_context_linear_regression.py [--logdir runs/in_context_linear_regression] [--max-steps 600] [--seed 0] [--figure icl.png]": Entry(
+        phase=2, timeout=300,
+        instead="python examples/in_context_linear_regression.py --logdir runs/in_context_linear_regression "
+                "--max-steps 40 --llc-every 20 --eval-every 10 --num-draws 5 --seed 0 --figure icl.png --quiet",
+        why="a synopsis: the bracketed options are accepted; the full run is "
+            "tests/test_examples_transformers.py (slow)",
+        check=_event_files("runs/in_context_linear_regression", "llc/mean")),
+    "tensorboard --logdir runs/in_context_linear_regression": Entry(
+        how="serve", phase=3, timeout=180,
+        needs=("python examples/in_context_linear_regression.py [--logdir runs/in_context_linear_regression] [--max-steps 600] [--seed 0] [--figure icl.png]",),
+        instead="tensorboard --logdir runs/in_context_linear_regression --host 127.0.0.1 --port {port}",
+        probe="/data/plugin/scalars/tags", ready_text='"llc/mean"',
+        check=_tensorboard_sees("runs/in_context_linear_regression", "llc/mean"), why="a free port instead of 6006"),
+    "python examples/induction_heads.py [--logdir runs/induction_heads] [--max-steps 2000] [--seed 0] [--figure ih.png]": Entry(
+        phase=2, timeout=300,
+        instead="python examples/induction_heads.py --logdir runs/induction_heads --max-steps 40 --llc-every 40 "
+                "--eval-every 10 --num-draws 5 --seed 0 --figure ih.png --quiet",
+        why="a synopsis: the bracketed options are accepted; the full run is "
+            "tests/test_examples_transformers.py (slow)",
+        check=_event_files("runs/induction_heads", "llc/mean")),
+    "tensorboard --logdir runs/induction_heads": Entry(
+        how="serve", phase=3, timeout=180,
+        needs=("python examples/induction_heads.py [--logdir runs/induction_heads] [--max-steps 2000] [--seed 0] [--figure ih.png]",),
+        instead="tensorboard --logdir runs/induction_heads --host 127.0.0.1 --port {port}",
+        probe="/data/plugin/scalars/tags", ready_text='"llc/mean"',
+        check=_tensorboard_sees("runs/induction_heads", "llc/mean"), why="a free port instead of 6006"),
     "python examples/lightning_cli/main.py fit --config examples/lightning_cli/config.yaml": Entry(
         phase=2, timeout=600, slow=True, check=_event_files("runs/lightning_cli", "llc/mean"),
         why="as written: trains until the rules file halts at the first rise of the LLC (slow)"),
@@ -607,6 +653,38 @@ COMMANDS: dict[str, Entry] = {
         instead="python benchmarks/bench_calibration.py --seeds 1 --burnin 100 --draws 100",
         why="as written: 3 seeds x 3 shapes with 600-step chains (minutes); one seed, shorter chains",
         check=_lines_in_output("cost ratio median")),
+    # ---- stage, essential-dynamics and estimator-value benchmarks (docs/stages.md, essential_dynamics.md,
+    # validation.md): the same scripts with fewer seeds, since 100 seeds per row take minutes
+    "python benchmarks/bench_stages.py --seeds 100 --amplitudes 8 --phis 0 0.5 0.8 --shapes flat rise-10 step stairs-2":
+        Entry(phase=5, timeout=600, slow=True, check=_lines_in_output("| flat |", "| stairs-2 |"),
+              instead="python benchmarks/bench_stages.py --seeds 5 --amplitudes 8 --phis 0 0.5 0.8 "
+                      "--shapes flat rise-10 step stairs-2", why=FEWER_SEEDS),
+    "python benchmarks/bench_stages.py --seeds 100 --amplitudes 8 --phis 0 --shapes rise-3 rise-30 fall-10 fall-30 "
+    "stairs-3 rise-fall ramp plateau-ramp":
+        Entry(phase=5, timeout=600, slow=True, check=_lines_in_output("| ramp |", "| rise-fall |"),
+              instead="python benchmarks/bench_stages.py --seeds 5 --amplitudes 8 --phis 0 --shapes rise-3 rise-30 "
+                      "fall-10 fall-30 stairs-3 rise-fall ramp plateau-ramp", why=FEWER_SEEDS),
+    "python benchmarks/bench_stages.py --seeds 100 --detector binseg --amplitudes 8 --phis 0 0.5 0.8 --shapes flat "
+    "rise-10 stairs-2":
+        Entry(phase=5, timeout=600, slow=True, check=_lines_in_output("| flat |"),
+              instead="python benchmarks/bench_stages.py --seeds 5 --detector binseg --amplitudes 8 --phis 0 0.5 0.8 "
+                      "--shapes flat rise-10 stairs-2", why=FEWER_SEEDS),
+    "python benchmarks/bench_stages.py --cost": Entry(phase=5, timeout=600, slow=True),
+    "python benchmarks/bench_stages.py --detector turning --shapes flat":
+        Entry(phase=5, timeout=600, slow=True, check=_lines_in_output("| flat |"),
+              instead="python benchmarks/bench_stages.py --seeds 5 --detector turning --shapes flat", why=FEWER_SEEDS),
+    "OMP_NUM_THREADS=1 python benchmarks/bench_ed_turning_points.py --out ed_tp.json": Entry(
+        phase=5, timeout=600, slow=True, check=_files_written("ed_tp.json"),
+        instead="OMP_NUM_THREADS=1 python benchmarks/bench_ed_turning_points.py --quick --out ed_tp.json",
+        why=FEWER_SEEDS),
+    "OMP_NUM_THREADS=1 python benchmarks/bench_ed_turning_points.py --alpha none --growing-seeds 30 --recall-seeds 10":
+        Entry(phase=5, timeout=600, slow=True,
+              instead="OMP_NUM_THREADS=1 python benchmarks/bench_ed_turning_points.py --alpha none --quick",
+              why=FEWER_SEEDS),
+    "python benchmarks/bench_estimator.py --values-only": Entry(
+        how="not-run", phase=5, check=_help_lists("benchmarks/bench_estimator.py", "--values-only"),
+        why="it builds benchmarks/.devinterp-venv (downloads torch and devinterp 2.0.1, ~1 GB) to run devinterp; "
+            "checked: the option exists; its figures are in docs/validation.md"),
     # ---- report output, the report screenshot and the monitor benchmarks
     "devinterp-lightning report lightning_logs --output report/": Entry(
         phase=4, timeout=300, needs=("lightning_logs/version_0",), check=_report_written("report")),
