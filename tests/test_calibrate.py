@@ -149,7 +149,9 @@ def test_settings_object_gives_layout_nbeta_and_a_fixed_localization() -> None:
 def test_as_kwargs_splat_into_estimate_llc(calibrated) -> None:
     model, loader, cal, _ = calibrated
     kwargs = cal.as_kwargs()
-    assert set(kwargs) == {"lr", "localization", "nbeta", "num_draws", "num_burnin_steps", "num_steps_bw_draws"}
+    assert set(kwargs) == {"lr", "localization", "nbeta", "num_draws", "num_burnin_steps", "num_steps_bw_draws",
+                           "batch_streams", "batch_order"}
+    assert (kwargs["batch_streams"], kwargs["batch_order"]) == ("shared", "loader")  # the trials' layout
     res = estimate_llc(model, half_sse, loader, num_chains=4, seed=3, **kwargs)
     assert res.lr == cal.lr and res.localization == cal.localization and res.nbeta == cal.nbeta
     # regular model at the truth: lambda = d/2 = 6, times nbeta h / (nbeta h + localization) ~ 0.99
