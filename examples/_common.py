@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,3 +155,15 @@ def set_threads(n: int | None) -> None:
     """Limit torch's intra-op threads (the examples are tiny; more threads only add overhead)."""
     if n:
         torch.set_num_threads(n)
+
+
+def mark_events(axes: Sequence[Any], milestones: Mapping[str, int | None],
+                transitions: Sequence[Mapping[str, Any]]) -> None:
+    """On every axis: grey dotted lines at the behavioural milestones (``None``: not reached) and red
+    lines at the onsets (``changepoint_step``) of the detected LLC transitions."""
+    for ax in axes:
+        for step in milestones.values():
+            if step is not None:
+                ax.axvline(step, color="grey", ls=":", lw=1)
+        for t in transitions:
+            ax.axvline(t["changepoint_step"], color="tab:red", lw=1, alpha=0.6)

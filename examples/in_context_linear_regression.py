@@ -47,7 +47,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from devinterp_lightning import EssentialDynamics, LLCMonitor, StageDetector
-from examples._common import Stopwatch, format_table, full_batch_loader, nearest, set_threads
+from examples._common import Stopwatch, format_table, full_batch_loader, mark_events, nearest, set_threads
 
 TASK_DIM = 4
 NUM_PAIRS = 8
@@ -233,12 +233,8 @@ def plot_run(result: dict[str, Any], path: str | Path) -> None:
             ax3.plot(llc["steps"], llc[name], marker=".", label=name, lw=2 if name == "all" else 1)
         ax3.set(title="LLC (all weights, per layer)", xlabel="step")
         ax3.legend(fontsize=7)
-    for ax in (ax1, ax2, ax3):
-        for name, step in result["milestones"].items():
-            if step is not None and name != "icl_90":
-                ax.axvline(step, color="grey", ls=":", lw=1)
-        for t in result["transitions"]:
-            ax.axvline(t["changepoint_step"], color="tab:red", lw=1, alpha=0.6)
+    shown = {name: step for name, step in result["milestones"].items() if name != "icl_90"}
+    mark_events((ax1, ax2, ax3), shown, result["transitions"])
     fig.suptitle("in-context linear regression: grey = milestones (prediction-norm minimum, ICL score at half), "
                  "red = LLC transitions", fontsize=9)
     fig.savefig(path, dpi=110)

@@ -48,7 +48,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from devinterp_lightning import LLCMonitor, StageDetector, head_restrictions
-from examples._common import Stopwatch, format_table, full_batch_loader, nearest, set_threads
+from examples._common import Stopwatch, format_table, full_batch_loader, mark_events, nearest, set_threads
 
 VOCAB = 64
 SEQ_LEN = 32
@@ -264,12 +264,7 @@ def plot_run(result: dict[str, Any], path: str | Path) -> None:
             ax4.plot(llc["steps"], llc[name], marker=".", label=name)
         ax4.set(title="LLC: all weights; data restricted", xlabel="step")
         ax4.legend(fontsize=7)
-    for ax in (ax1, ax2, ax3, ax4):
-        for step in result["milestones"].values():
-            if step is not None:
-                ax.axvline(step, color="grey", ls=":", lw=1)
-        for t in result["transitions"]:
-            ax.axvline(t["changepoint_step"], color="tab:red", lw=1, alpha=0.6)
+    mark_events((ax1, ax2, ax3, ax4), result["milestones"], result["transitions"])
     fig.suptitle("induction heads: grey = milestones (previous-token / induction score 0.5, ICL score at half), "
                  "red = LLC transitions", fontsize=9)
     fig.savefig(path, dpi=110)
