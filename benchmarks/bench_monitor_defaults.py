@@ -29,26 +29,32 @@ import examples.deep_linear_network as dln  # noqa: E402
 from devinterp_lightning import LLCMonitor  # noqa: E402
 from devinterp_lightning.schedule import LogSpaced  # noqa: E402
 
-#: name -> (schedule or None for the example's every 40 steps, num_burnin_steps, num_draws)
-CONFIGS: dict[str, tuple[Any, int, int]] = {
-    "example: every 40, 4x(50+200)": (None, 50, 200),
-    "every 40, 4x(25+100)": (None, 25, 100),
-    "LogSpaced 10/decade, 4x(50+200)": ("log10", 50, 200),
-    "LogSpaced 10/decade, 4x(25+100)": ("log10", 25, 100),
-    "LogSpaced 5/decade, 4x(25+100)": ("log5", 25, 100),
-    "every 40, 4x(50+100)": (None, 50, 100),
+#: name -> (schedule or None for the example's every 40 steps, num_burnin_steps, num_draws,
+#: warm_start: False or the burn-in of warm-started estimates)
+CONFIGS: dict[str, tuple[Any, int, int, bool | int]] = {
+    "example: every 40, 4x(50+200)": (None, 50, 200, False),
+    "every 40, 4x(25+100)": (None, 25, 100, False),
+    "LogSpaced 10/decade, 4x(50+200)": ("log10", 50, 200, False),
+    "LogSpaced 10/decade, 4x(25+100)": ("log10", 25, 100, False),
+    "LogSpaced 5/decade, 4x(25+100)": ("log5", 25, 100, False),
+    "every 40, 4x(50+100)": (None, 50, 100, False),
+    "every 40, 4x(50+100), warm 10": (None, 50, 100, 10),
+    "LogSpaced 5/decade, 4x(50+100)": ("log5", 50, 100, False),
+    "LogSpaced 5/decade, 4x(50+100), warm 10": ("log5", 50, 100, 10),
+    "every 40, 4x(50+60), warm 10": (None, 50, 60, 10),
 }
 SCHEDULES = {"log10": lambda: LogSpaced(start=10, per_decade=10), "log5": lambda: LogSpaced(start=10, per_decade=5)}
 
 
 def run(name: str, seed: int, max_steps: int) -> dict[str, Any]:
-    schedule, burnin, draws = CONFIGS[name]
+    schedule, burnin, draws, warm = CONFIGS[name]
     counted: list[LLCMonitor] = []
 
     def monitor_factory(*args: Any, **kwargs: Any) -> LLCMonitor:
         if schedule is not None:
             kwargs["every_n_steps"] = SCHEDULES[schedule]()
         kwargs["num_burnin_steps"] = burnin
+        kwargs["warm_start"] = warm
         monitor = LLCMonitor(*args, **kwargs)
         counted.append(monitor)
         return monitor
@@ -66,25 +72,33 @@ def run(name: str, seed: int, max_steps: int) -> dict[str, Any]:
     return {
         "config": name, "seed": seed, "loss_drops": drops, "onsets": onsets, "onset_minus_drop": errors,
         "directions": [t["direction"] for t in out["transitions"]], "estimates": len(points),
-        "sgld_steps_per_chain": len(points) * (burnin + draws),
+        "sgld_steps_per_chain": len(points) * (burnin + draws) - (len(points) - 1) * (burnin - warm) * (
+            warm is not False and warm < burnin),
+        "plateau_values": [round(p.value, 2) for p in points if not p.flags][-5:],
         "median_stderr": statistics.median(p.stderr for p in points if not p.flags) if any(
             not p.flags for p in points) else None,
         "flagged": sum(bool(p.flags) for p in points), "wall_s": wall,
     }
 
 
-def draws_variance(seeds: list[int], train_steps: list[int], init_scale: float = 0.3, lr: float = 1e-3) -> None:
+def draws_variance(seeds: list[int], train_steps: list[int], init_scale: float = 0.3, lr: float = 1e-3,
+                   warm: bool = False) -> None:
     """Spread of the estimate over sampler seeds against the chain layout, at snapshots of the DLN
     of ``examples/configs/dln.py`` (4x16, batch 64, probe = 512 held-out samples), SGLD ``lr``,
-    localization 100. At init scale 0.3 it learns its teacher between steps ~400 and ~800."""
+    localization 100. At init scale 0.3 it learns its teacher between steps ~400 and ~800.
+
+    ``warm``: each measured estimate is the fourth of a warm-started sequence at the snapshot (a
+    cold first estimate with the layout's burn-in, then estimates with 10 burn-in steps, as
+    ``LLCMonitor(warm_start=True)`` takes them), instead of one cold estimate."""
     import lightning.pytorch as pl
     import torch
 
-    from devinterp_lightning import estimate_llc
+    from devinterp_lightning import estimate_llcs
+    from devinterp_lightning.sampling.warm_start import ChainOffsets
     from examples.configs.dln import DeepLinearNetwork, probe_loader
     from examples.configs.losses import mse
 
-    layouts = [(50, 200), (50, 100), (25, 75), (25, 50)]
+    layouts = [(50, 200), (50, 100), (25, 75), (25, 50)] if not warm else [(50, 100), (50, 60), (50, 40)]
     for steps in train_steps:
         pl.seed_everything(0, verbose=False)
         model = DeepLinearNetwork(width=16, depth=4, rank=3, init_scale=init_scale, lr=0.05)
@@ -95,13 +109,17 @@ def draws_variance(seeds: list[int], train_steps: list[int], init_scale: float =
         for burnin, draws in layouts:
             means, stderrs, flagged = [], [], 0
             for seed in seeds:
-                res = estimate_llc(model, mse, loader, lr=lr, localization=100.0, num_chains=4, num_draws=draws,
-                                   num_burnin_steps=burnin, seed=seed)
+                chains = ChainOffsets(burnin_steps=10) if warm else None
+                for k in range(4 if warm else 1):
+                    res = estimate_llcs(model, mse, {"llc": (loader, None)}, lr=lr, localization=100.0, num_chains=4,
+                                        num_draws=draws, num_burnin_steps=burnin, seed=1000 * k + seed,
+                                        warm_start=chains)["llc"]
                 means.append(res.mean)
                 stderrs.append(res.stderr)
                 flagged += bool(res.flags)
             t = torch.tensor(means)
-            print(json.dumps({"init_scale": init_scale, "lr": lr, "train_steps": steps, "layout": f"4x({burnin}+{draws})", "mean": round(t.mean().item(), 3),
+            layout = f"4x(10+{draws}) warm" if warm else f"4x({burnin}+{draws})"
+            print(json.dumps({"init_scale": init_scale, "lr": lr, "train_steps": steps, "layout": layout, "mean": round(t.mean().item(), 3),
                               "sd_over_seeds": round(t.std().item(), 3),
                               "median_reported_stderr": round(statistics.median(stderrs), 3),
                               "flagged": flagged, "seeds": len(seeds)}), flush=True)
@@ -115,9 +133,10 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="append JSON lines here")
     parser.add_argument("--variance", type=int, nargs="*", default=None,
                         help="instead: the spread of the estimate over --seeds at these training steps")
+    parser.add_argument("--warm", action="store_true", help="with --variance: warm-started estimates")
     args = parser.parse_args()
     if args.variance is not None:
-        draws_variance(args.seeds, args.variance)
+        draws_variance(args.seeds, args.variance, warm=args.warm)
         return
     names = list(CONFIGS) if args.configs == ["all"] else [list(CONFIGS)[int(i)] for i in args.configs]
     for name in names:

@@ -43,9 +43,14 @@ def _run(background: bool, **kwargs: Any) -> tuple[LLCMonitor, MemoryLogger, dic
     return monitor, logger, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_background_values_are_bitwise_those_of_the_synchronous_mode():
-    sync, sync_log, sync_weights = _run(False)
-    bg, bg_log, bg_weights = _run(True)
+@pytest.mark.parametrize(("start_method", "warm_start"), [
+    ("auto", False),
+    ("auto", True),  # the worker carries the chains' offsets between snapshots as the monitor does
+    pytest.param("spawn", False, marks=pytest.mark.slow),  # the method of Windows and macOS
+])
+def test_background_values_are_bitwise_those_of_the_synchronous_mode(start_method: str, warm_start: bool):
+    sync, sync_log, sync_weights = _run(False, warm_start=warm_start)
+    bg, bg_log, bg_weights = _run(True, worker_start_method=start_method, warm_start=warm_start)
     assert bg.history.steps("llc/mean") == [0, 3, 6, 9]
     # every estimate of every job, published at its snapshot's step, bit for bit
     assert bg.history.state_dict() == sync.history.state_dict()
@@ -102,11 +107,12 @@ class KillWorker(Callback):
 
 @pytest.mark.slow  # starts a worker process: ~3 s idle, 20-40 s on a loaded 2-core machine
 def test_a_dead_worker_warns_and_falls_back_to_synchronous_sampling():
-    sync, _, _ = _run(False)
+    sync, _, _ = _run(False, warm_start=False)
     logger = MemoryLogger()
     options = {**FAST, "data": probe(), "every_n_steps": 3, "restrictions": {"head": "head.*"},
                "datasets": {"other": DataLoader(make_data(32, seed=9), batch_size=16, shuffle=True)}}
-    monitor = LLCMonitor(mse, background=True, max_pending=2, **options)
+    # cold starts: a warm-started worker's chain offsets die with it (docs/monitor.md, "Crashes")
+    monitor = LLCMonitor(mse, background=True, max_pending=2, warm_start=False, **options)
     pl.seed_everything(1234)
     with pytest.warns(RuntimeWarning, match="Falling back to synchronous sampling"):
         trainer([monitor, KillWorker(monitor, 3)], max_steps=10, logger=logger).fit(Net(shuffle=True, dropout=0.3))

@@ -24,13 +24,22 @@ from devinterp_lightning.sampling.estimator import estimate_llcs
 from devinterp_lightning.sampling.result import LLCResult
 from devinterp_lightning.sampling.settings import SGLDSettings
 from devinterp_lightning.sampling.snapshot import resolve_restriction
-from devinterp_lightning.sampling.worker import BackgroundSampler, derive_seed, pack_payload, snapshot_request
+from devinterp_lightning.sampling.warm_start import ChainOffsets
+from devinterp_lightning.sampling.worker import (
+    START_METHODS,
+    BackgroundSampler,
+    derive_seed,
+    pack_payload,
+    snapshot_request,
+)
 from devinterp_lightning.schedule import LogSpaced, Schedule, as_schedule
 from devinterp_lightning.series import SeriesStore
 
 __all__ = ["DEFAULT_SETTINGS", "LLCMonitor", "resolve_dotted"]
 
 _derive_seed = derive_seed  # the name the tests and older scripts import
+#: burn-in steps of a warm-started estimate (``warm_start=True``)
+WARM_START_BURNIN = 10
 #: the SGLD settings a monitor samples with when none are given (docs/monitor.md: how they were chosen)
 DEFAULT_SETTINGS = SGLDSettings(lr=1e-4, localization=100.0, nbeta=None, num_chains=4, num_draws=100,
                                 num_burnin_steps=50, num_steps_bw_draws=1)
@@ -75,9 +84,16 @@ class LLCMonitor(Callback):
         calibrate, calibrate_kwargs: ``"once"`` chooses ``lr`` and ``localization`` with ``calibrate_llc``.
         background: sample in a worker process while training goes on (``True`` or ``"process"``).
         worker_device, worker_threads: the worker's device and torch threads.
+        worker_start_method: ``"auto"`` (``fork`` on Linux for a CPU worker while CUDA is not
+            initialized, else ``spawn``), ``"spawn"``, ``"fork"`` or ``"forkserver"``.
         max_pending: snapshots in flight at most (each holds one copy of the weights); ``"auto"``:
             as many as fit in 1 GiB, between 1 and 8.
         when_busy: ``"block"`` (wait for the oldest estimate) or ``"skip"`` (drop the due step).
+        warm_start: ``True`` (default): every estimate after the first of a ``fit`` starts its
+            chains at the new ``w*`` plus the previous chains' last offsets, with 10 burn-in steps
+            (fewer SGLD steps, and the flat directions keep equilibrating across estimates;
+            docs/monitor.md, "Warm-started chains"); an ``int``: that many burn-in steps for
+            warm-started estimates; ``False``: every estimate starts its chains at ``w*``.
     """
 
     lr = _Setting()
@@ -115,6 +131,8 @@ class LLCMonitor(Callback):
         worker_threads: int = 1,
         max_pending: int | str = "auto",
         when_busy: str = "block",
+        warm_start: bool | int = True,
+        worker_start_method: str = "auto",
     ) -> None:
         super().__init__()
         self.loss_fn = resolve_dotted(loss_fn) if isinstance(loss_fn, str) else loss_fn
@@ -133,6 +151,17 @@ class LLCMonitor(Callback):
         self.calibrate, self.calibrate_kwargs = calibrate, dict(calibrate_kwargs or {})
         support.check_options(seed, num_data_batches, calibrate, self.calibrate_kwargs, background, when_busy,
                               max_pending)
+        if isinstance(warm_start, bool):
+            self.warm_start_burnin: int | None = WARM_START_BURNIN if warm_start else None
+        elif isinstance(warm_start, int) and warm_start >= 0:
+            self.warm_start_burnin = warm_start
+        else:
+            raise ValueError(f"warm_start must be True, False or a burn-in step count >= 0; got {warm_start!r}")
+        #: the chains' last offsets between estimates (``warm_start``; sampled synchronously), else None
+        self.chain_offsets: ChainOffsets | None = None
+        if worker_start_method not in START_METHODS:
+            raise ValueError(f"worker_start_method must be one of {START_METHODS}; got {worker_start_method!r}")
+        self.worker_start_method = worker_start_method
         self.seed, self.num_data_batches, self.progress, self.prefix = seed, num_data_batches, progress, prefix
         self.background, self.worker_device, self.worker_threads = bool(background), worker_device, worker_threads
         self.max_pending, self.when_busy = max_pending, when_busy
@@ -196,9 +225,11 @@ class LLCMonitor(Callback):
         support.validate_schedule(self.schedule, trainer.estimated_stepping_batches)
         if self._data_spec is None:
             self._data = support.cache_train_batches(trainer, self.num_data_batches)
+        # offsets are not checkpointed: each fit (and a resumed one) starts its first estimate cold
+        self.chain_offsets = None if self.warm_start_burnin is None else ChainOffsets(self.warm_start_burnin)
         if self.background:
             worker = BackgroundSampler(pack_payload(pl_module, self.loss_fn, self._jobs()), self.worker_device,
-                                       self.worker_threads)
+                                       self.worker_threads, start_method=self.worker_start_method)
             self._link = support.WorkerLink(worker, support.pending_limit(self.max_pending, pl_module),
                                             lambda step, results: self._publish(trainer, step, results))
         self._maybe_measure(trainer, pl_module)
@@ -239,15 +270,18 @@ class LLCMonitor(Callback):
         self._last_step = step
         if self.calibrate == "once" and self._calibrated_settings is None:
             self._calibrate(trainer, pl_module, step)
+            if self.chain_offsets is not None:
+                self.chain_offsets.reset()  # offsets drawn at other settings are no warm start
         rank, world_size = trainer.global_rank, trainer.world_size
         settings = self.settings.replace(num_chains=local_chains(self.num_chains, rank, world_size))
         seed = derive_seed(self.seed, step, rank)
         # a dead worker falls back (its snapshots in flight first) and this step is sampled here
-        if link is not None and link.submit(snapshot_request(pl_module, step, settings, seed)):
+        if link is not None and link.submit(snapshot_request(pl_module, step, settings, seed, self.warm_start_burnin)):
             return
         progress = support.Progress(trainer, step) if self.progress else None
         local = estimate_llcs(pl_module, self.loss_fn, self._jobs(), settings=settings, seed=seed,
-                              device=pl_module.device, dtype=torch.float32, progress=progress)
+                              device=pl_module.device, dtype=torch.float32, progress=progress,
+                              warm_start=self.chain_offsets)
         self.last_progress = None if progress is None else progress.last
         results = local if world_size == 1 else gather_chains(local, trainer.strategy.root_device)
         self._publish(trainer, step, results)

@@ -47,6 +47,7 @@ from devinterp_lightning.sampling.snapshot import (
     resolve_restriction,
     take_snapshot,
 )
+from devinterp_lightning.sampling.warm_start import ChainOffsets
 
 logger = logging.getLogger("devinterp_lightning")
 
@@ -219,13 +220,19 @@ def estimate_llcs(
     dtype: torch.dtype | None = torch.float32,
     eval_mode: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    warm_start: ChainOffsets | None = None,
 ) -> dict[str, LLCResult]:
     """Several (weights x data) restricted estimates at one snapshot: ``{name: LLCResult}``.
 
     ``jobs`` maps a name to ``(loader, restrict)``. Jobs that share the *same loader object*
     share one batch stream and are sampled together: their chains become lanes of one vectorized
     run, each lane with its own update mask, so the batch loss at ``w*`` is computed once per
-    batch for all of them. Keyword arguments are those of :func:`estimate_llc`.
+    batch for all of them. Keyword arguments are those of :func:`estimate_llc`, and:
+
+    warm_start: a :class:`~devinterp_lightning.sampling.warm_start.ChainOffsets` from the
+        previous call on the same model and jobs. A group whose offsets it holds starts its
+        chains at ``w* + offset`` with ``min(num_burnin_steps, warm_start.burnin_steps)`` burn-in
+        steps; every group's last offsets are stored back into it.
     """
     settings = SGLDSettings.from_kwargs(
         settings, lr=lr, localization=localization, nbeta=nbeta, num_chains=num_chains, num_draws=num_draws,
@@ -261,7 +268,7 @@ def estimate_llcs(
             report = None if progress is None else (lambda k, done=done: progress(done + k, total))
             traces, group_nbeta, bad_start, variances = _run_group(
                 model, loss_fn, loader, [masks_per_job[n] for n in names], anchor, buffers, settings,
-                seed + 7919 * index, device, dtype, report,
+                seed + 7919 * index, device, dtype, report, warm_start, tuple(names),
             )
             if bad_start is not None:
                 warnings.warn(
@@ -314,6 +321,8 @@ def _run_group(
     device: torch.device,
     dtype: torch.dtype | None,
     progress: Callable[[int], None] | None,
+    warm_start: ChainOffsets | None = None,
+    key: tuple[str, ...] = (),
 ) -> tuple[ChainTraces, float, float | None, list[float]]:
     """Sample one group of jobs sharing a loader: ``(traces, nbeta, None, gradient variances)``
     (one ``tr Cov(g_b)`` per job), or ``(all-nan traces, nbeta, loss, nans)`` when the loss at w*
@@ -387,7 +396,16 @@ def _run_group(
         while sum(len(b.batches) if isinstance(b, ChainBatches) else 1 for b in peeked) < NOISE_PROBE_BATCHES:
             peeked.append(next(stream))
         variances = _gradient_variance(evaluator, peeked, anchor, moving, job_masks)
-        traces = run_chains(evaluator, chain(peeked, stream), anchor, masks, settings, generator, progress=progress)
+        offsets = None
+        if warm_start is not None:
+            num_lanes = len(job_masks) * settings.num_chains
+            offsets = warm_start.lookup(key, (num_lanes, sum(anchor[n].numel() for n in moving)))
+            if offsets is not None:
+                settings = settings.replace(num_burnin_steps=min(settings.num_burnin_steps, warm_start.burnin_steps))
+        traces = run_chains(evaluator, chain(peeked, stream), anchor, masks, settings, generator, progress=progress,
+                            start_offsets=offsets)
+        if warm_start is not None and traces.final_offsets is not None:
+            warm_start.update(key, traces.final_offsets)
     return traces, float(nbeta), None, variances
 
 

@@ -89,11 +89,14 @@ class ChainBatches:
 
 @dataclass
 class ChainTraces:
-    """What a run produces: ``[num_lanes, num_draws]`` traces and a ``[num_lanes]`` divergence mask."""
+    """What a run produces: ``[num_lanes, num_draws]`` traces, a ``[num_lanes]`` divergence mask
+    and the lanes' last offsets ``w - w*`` (``[num_lanes, moving entries]``, zero for a diverged
+    lane; None when nothing was sampled), the start of a warm-started next run."""
 
     loss_trace: Tensor
     init_loss_trace: Tensor
     diverged: Tensor
+    final_offsets: Tensor | None = None
 
 
 class LossEvaluator:
@@ -300,6 +303,7 @@ def run_chains(
     generator: torch.Generator,
     *,
     progress: Callable[[int], None] | None = None,
+    start_offsets: Tensor | None = None,
 ) -> ChainTraces:
     """Run all lanes for ``settings.total_steps`` steps and record the draws.
 
@@ -313,10 +317,16 @@ def run_chains(
         settings: step size, temperature, localization and step counts.
         generator: the only source of noise.
         progress: called with the number of steps done after each step.
+        start_offsets: ``[num_lanes, moving entries]`` offsets ``w - w*`` to start the lanes at
+            (a warm start from the ``final_offsets`` of an earlier run); None starts at ``w*``.
     """
     num_lanes = next(iter(masks.values())).shape[0]
     lanes = FlatLanes(anchor, masks, num_lanes)
     w, w0, device = lanes.values, lanes.anchor, lanes.values.device
+    if start_offsets is not None:
+        if start_offsets.shape != w.shape:
+            raise ValueError(f"start_offsets has shape {tuple(start_offsets.shape)}; the lanes need {tuple(w.shape)}")
+        w.add_(start_offsets.to(device=device, dtype=w.dtype) * lanes.mask)
     runaway = RUNAWAY_FACTOR * (lanes.moving_count + 1)
 
     loss_trace = torch.full((num_lanes, settings.num_draws), float("nan"), device=device)
@@ -362,4 +372,5 @@ def run_chains(
             w.copy_(torch.where(diverged[:, None], w0, w))
         if progress is not None:
             progress(step + 1)
-    return ChainTraces(loss_trace=loss_trace, init_loss_trace=init_trace, diverged=diverged)
+    final = (w - w0).masked_fill_(diverged[:, None], 0.0)
+    return ChainTraces(loss_trace=loss_trace, init_loss_trace=init_trace, diverged=diverged, final_offsets=final)

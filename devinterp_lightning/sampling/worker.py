@@ -1,8 +1,8 @@
 """Sampling snapshots off the training's critical path, in a worker process (no Lightning import).
 
 The training process copies the weights (:func:`snapshot_request`) and goes on; a persistent
-worker process, started with the ``spawn`` method (the only one on Windows and the default on
-macOS), owns a private copy of the model, the loss function and the probe data, and runs the
+worker process (started with ``fork`` on Linux for a CPU worker before CUDA is initialized, else
+with ``spawn``, the only method on Windows and the default on macOS: :func:`resolve_start_method`) owns a private copy of the model, the loss function and the probe data, and runs the
 same :func:`~devinterp_lightning.sampling.estimator.estimate_llcs` call the synchronous monitor
 runs, with the same seed, so for the same torch thread count the numbers are bitwise the same.
 
@@ -19,6 +19,7 @@ import io
 import os
 import pickle
 import queue
+import sys
 import time
 import traceback
 import weakref
@@ -34,8 +35,10 @@ from devinterp_lightning.sampling.estimator import estimate_llcs
 from devinterp_lightning.sampling.result import LLCResult
 from devinterp_lightning.sampling.settings import SGLDSettings
 from devinterp_lightning.sampling.snapshot import Restriction, take_snapshot
+from devinterp_lightning.sampling.warm_start import ChainOffsets
 
 __all__ = [
+    "START_METHODS",
     "BackgroundSampler",
     "EstimateRequest",
     "SnapshotSampler",
@@ -43,6 +46,7 @@ __all__ = [
     "WorkerError",
     "derive_seed",
     "pack_payload",
+    "resolve_start_method",
     "serve_requests",
     "snapshot_request",
 ]
@@ -76,16 +80,20 @@ class EstimateRequest:
     buffers: dict[str, Tensor]
     settings: SGLDSettings
     seed: int
+    #: burn-in of warm-started estimates (the worker keeps the chains' offsets between requests);
+    #: None: every estimate starts at w*
+    warm_start_burnin: int | None = None
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.params.values(), *self.buffers.values()))
 
 
-def snapshot_request(model: nn.Module, step: int, settings: SGLDSettings, seed: int) -> EstimateRequest:
+def snapshot_request(model: nn.Module, step: int, settings: SGLDSettings, seed: int,
+                     warm_start_burnin: int | None = None) -> EstimateRequest:
     """Copy ``model``'s parameters and buffers to CPU (dtype kept) for an estimate at ``step``."""
     snap = take_snapshot(model, torch.device("cpu"), None)
-    return EstimateRequest(step, snap.params, snap.buffers, settings, seed)
+    return EstimateRequest(step, snap.params, snap.buffers, settings, seed, warm_start_burnin)
 
 
 def pack_payload(model: nn.Module, loss_fn: Callable[..., Tensor], jobs: Jobs) -> bytes:
@@ -123,6 +131,8 @@ class SnapshotSampler:
         self.model = model.to(self.device)
         self.loss_fn = loss_fn
         self.jobs = dict(jobs)
+        #: the chains' offsets between requests (warm starts), as in the synchronous monitor
+        self.chain_offsets: ChainOffsets | None = None
 
     @classmethod
     def from_payload(cls, payload: bytes, device: torch.device | str = "cpu") -> SnapshotSampler:
@@ -135,8 +145,12 @@ class SnapshotSampler:
                 p.copy_(request.params[name])
             for name, b in self.model.named_buffers():
                 b.copy_(request.buffers[name])
+        if request.warm_start_burnin is None:
+            self.chain_offsets = None
+        elif self.chain_offsets is None or self.chain_offsets.burnin_steps != request.warm_start_burnin:
+            self.chain_offsets = ChainOffsets(burnin_steps=request.warm_start_burnin)
         return estimate_llcs(self.model, self.loss_fn, self.jobs, settings=request.settings, seed=request.seed,
-                             device=self.device, dtype=torch.float32)
+                             device=self.device, dtype=torch.float32, warm_start=self.chain_offsets)
 
 
 def serve_requests(payload: bytes, device: str, threads: int, cpus: list[int] | None,
@@ -172,6 +186,29 @@ def serve_requests(payload: bytes, device: str, threads: int, cpus: list[int] | 
         results.put(("ok", request.step, out))
 
 
+START_METHODS = ("auto", "spawn", "fork", "forkserver")
+
+
+def resolve_start_method(start_method: str, device: torch.device | str) -> str:
+    """The multiprocessing start method for the worker: ``"auto"`` is ``"fork"`` on Linux for a
+    CPU worker while CUDA is not initialized in this process, else ``"spawn"``.
+
+    ``fork`` starts in milliseconds because the child inherits the imported torch and Lightning
+    (a spawned worker spends seconds re-importing them, longer than a short run); it is unsafe
+    after CUDA has been initialized and unavailable on Windows, hence the conditions. The
+    payload is pickled the same way under every method, so a script that runs here also runs
+    where only ``spawn`` exists.
+    """
+    if start_method not in START_METHODS:
+        raise ValueError(f"start_method must be one of {START_METHODS}; got {start_method!r}")
+    if start_method != "auto":
+        return start_method
+    cpu_worker = torch.device(device).type == "cpu"
+    if sys.platform.startswith("linux") and cpu_worker and not torch.cuda.is_initialized():
+        return "fork"
+    return "spawn"
+
+
 def _terminate(process: Any) -> None:
     """Last resort at interpreter exit: a worker left running would make Python wait for it forever."""
     if process.is_alive():
@@ -187,8 +224,9 @@ class BackgroundSampler:
     """
 
     def __init__(self, payload: bytes, device: torch.device | str = "cpu", threads: int = 1,
-                 cpus: list[int] | None = None) -> None:
-        context = torch.multiprocessing.get_context("spawn")
+                 cpus: list[int] | None = None, start_method: str = "auto") -> None:
+        self.start_method = resolve_start_method(start_method, device)
+        context = torch.multiprocessing.get_context(self.start_method)
         self.payload = payload
         self.device = str(device)
         self.pending: deque[EstimateRequest] = deque()
@@ -246,7 +284,7 @@ class BackgroundSampler:
     def _death_notice(self) -> str:
         notice = (f"LLCMonitor: the sampling worker (pid {self.pid}) died with exit code {self.process.exitcode} "
                   f"while {len(self.pending)} estimate(s) were in flight")
-        if not self.started:
+        if not self.started and self.start_method == "spawn":
             notice += (" before it had started. A process started with 'spawn' re-imports the main script: in a "
                        "script, put the training code under `if __name__ == \"__main__\":` (the worker's own "
                        "error is printed above)")
