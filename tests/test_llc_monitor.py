@@ -514,7 +514,7 @@ def test_settings_object_keywords_and_defaults():
     default = LLCMonitor(mse)
     assert default.settings == DEFAULT_SETTINGS
     assert (default.num_chains, default.num_draws, default.num_burnin_steps) == (4, 100, 50)
-    assert isinstance(default.schedule, LogSpaced) and default.schedule.due_steps(100) == [0, 10, 16, 25, 40, 63, 100]
+    assert isinstance(default.schedule, LogSpaced) and default.schedule.due_steps(1000) == [0, 100, 158, 251, 398, 631, 1000]
     given = SGLDSettings(lr=2e-3, localization=30.0, num_chains=3, num_draws=9)
     monitor = LLCMonitor(mse, settings=given, num_draws=7)  # keywords are laid over the settings object
     assert monitor.settings == given.replace(num_draws=7)

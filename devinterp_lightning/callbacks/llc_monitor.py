@@ -38,6 +38,11 @@ from devinterp_lightning.series import SeriesStore
 __all__ = ["DEFAULT_SETTINGS", "LLCMonitor", "resolve_dotted"]
 
 _derive_seed = derive_seed  # the name the tests and older scripts import
+def default_schedule() -> LogSpaced:
+    """The schedule of a monitor given no ``every_n_steps`` (docs/monitor.md, "Choosing the defaults")."""
+    return LogSpaced(start=100, per_decade=5)
+
+
 #: burn-in steps of a warm-started estimate (``warm_start=True``)
 WARM_START_BURNIN = 10
 #: the SGLD settings a monitor samples with when none are given (docs/monitor.md: how they were chosen)
@@ -72,7 +77,7 @@ class LLCMonitor(Callback):
         data: re-iterable batches (or a dotted path to them or to a function returning them); None:
             the first ``num_data_batches`` train batches, cached at train start.
         every_n_steps: an ``int``, a list of steps or a :class:`~devinterp_lightning.schedule.Schedule`;
-            None: ``LogSpaced(start=10, per_decade=5)`` (0, 10, 16, 25, 40, 63, 100, 158, ...).
+            None: ``LogSpaced(start=100, per_decade=5)`` (0, 100, 158, 251, 398, 631, 1000, ...).
         restrictions, datasets, cross: weight restrictions (globs or masks), data restrictions
             (loaders), and their cross product.
         lr, localization, nbeta, num_chains, num_draws, num_burnin_steps, num_steps_bw_draws: SGLD
@@ -139,7 +144,7 @@ class LLCMonitor(Callback):
         if not callable(self.loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) -> scalar; got {self.loss_fn!r}")
         self._data_spec = resolve_dotted(data) if isinstance(data, str) else data
-        self.schedule = LogSpaced(start=10, per_decade=5) if every_n_steps is None else as_schedule(every_n_steps)
+        self.schedule = default_schedule() if every_n_steps is None else as_schedule(every_n_steps)
         self.restrictions = dict(restrictions or {})
         self._datasets_spec = {k: resolve_dotted(v) if isinstance(v, str) else v for k, v in (datasets or {}).items()}
         support.check_names(self.restrictions, self._datasets_spec, cross)
