@@ -9,6 +9,8 @@ estimates. Run from the repository root:
 
     OMP_NUM_THREADS=1 python benchmarks/bench_monitor_defaults.py --seeds 0 1 --configs all
 
+``--grokking --seeds 0 1 2`` runs ``examples/grokking.py`` with cold and with warm-started chains.
+
 ``--variance 0 500 2000 --seeds 0 1 2 3 4 5 6 7`` instead measures, at snapshots of the overhead
 benchmark's DLN, how the spread of an estimate over sampler seeds grows as the chains get shorter.
 """
@@ -81,6 +83,39 @@ def run(name: str, seed: int, max_steps: int) -> dict[str, Any]:
     }
 
 
+def run_grokking(warm: bool | int, seed: int) -> dict[str, Any]:
+    """``examples/grokking.py`` with its own schedule and layout (4 x (30 + 60)), chains warm-started
+    or not: the transitions its detector confirms against the LLC peak, and the SGLD steps spent."""
+    import examples.grokking as grokking
+
+    counted: list[LLCMonitor] = []
+    original = grokking.LLCMonitor
+
+    def monitor_factory(*args: Any, **kwargs: Any) -> LLCMonitor:
+        monitor = original(*args, **{**kwargs, "warm_start": warm})
+        counted.append(monitor)
+        return monitor
+
+    grokking.LLCMonitor = monitor_factory  # type: ignore[assignment]
+    try:
+        start = time.perf_counter()
+        out = grokking.main(["--quiet", "--seed", str(seed), "--logdir", f"/tmp/bench_defaults/grokking{seed}"])
+        wall = time.perf_counter() - start
+    finally:
+        grokking.LLCMonitor = original  # type: ignore[assignment]
+    monitor = counted[-1]
+    points = monitor.history["llc/mean"]
+    burnin, draws = monitor.num_burnin_steps, monitor.num_draws
+    warm_burnin = burnin if warm is False else min(burnin, 10 if warm is True else warm)
+    return {
+        "example": "grokking", "warm_start": warm, "seed": seed, "llc_peak_step": out["llc_peak_step"],
+        "transitions": [(t["monitor"], t["changepoint_step"], t["direction"]) for t in out["transitions"]],
+        # per chain of one vectorized run (each distinct loader samples one such run)
+        "estimates": len(points), "sgld_steps_per_chain": burnin + draws + (len(points) - 1) * (warm_burnin + draws),
+        "flagged": sum(bool(p.flags) for p in points), "wall_s": round(wall, 1),
+    }
+
+
 def draws_variance(seeds: list[int], train_steps: list[int], init_scale: float = 0.3, lr: float = 1e-3,
                    warm: bool = False) -> None:
     """Spread of the estimate over sampler seeds against the chain layout, at snapshots of the DLN
@@ -134,7 +169,14 @@ def main() -> None:
     parser.add_argument("--variance", type=int, nargs="*", default=None,
                         help="instead: the spread of the estimate over --seeds at these training steps")
     parser.add_argument("--warm", action="store_true", help="with --variance: warm-started estimates")
+    parser.add_argument("--grokking", action="store_true",
+                        help="instead: the grokking example with cold and warm-started chains, per --seeds")
     args = parser.parse_args()
+    if args.grokking:
+        for warm in (False, True):
+            for seed in args.seeds:
+                print(json.dumps(run_grokking(warm, seed)), flush=True)
+        return
     if args.variance is not None:
         draws_variance(args.seeds, args.variance, warm=args.warm)
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from noisy_cases import dln_case, make_loader
@@ -12,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from devinterp_lightning import estimate_llcs
+from devinterp_lightning.sampling.estimator import WARM_START_KEEPS
 from devinterp_lightning.sampling.warm_start import ChainOffsets
 
 FAST = dict(lr=1e-4, localization=10.0, nbeta=50.0, num_chains=3, num_draws=20, num_burnin_steps=30)
@@ -22,9 +24,12 @@ def regression_loader() -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=64)
 
 
-def linear_model(seed: int = 0) -> tuple[nn.Module, DataLoader]:
-    torch.manual_seed(seed)
-    return nn.Linear(4, 3, bias=False), regression_loader()
+def linear_model() -> tuple[nn.Module, DataLoader]:
+    """A linear model at its noise-free teacher (a minimum, so the estimates are healthy)."""
+    model = nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(regression_data(n=256)[2])
+    return model, regression_loader()
 
 
 def test_a_warm_run_starts_at_w_star_plus_the_stored_offsets() -> None:
@@ -70,6 +75,8 @@ def test_restricted_lanes_keep_zero_offsets_outside_their_restriction() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5, bias=False), nn.Linear(5, 3, bias=False))
     loader = regression_loader()
+    with torch.no_grad():  # a factorization of the teacher: a minimum
+        model[0].weight.copy_(torch.linalg.pinv(model[1].weight) @ regression_data(n=256)[2])
     warm = ChainOffsets()
     estimate_llcs(model, mse, {"first": (loader, "0.*"), "second": (loader, "1.*")}, seed=0, warm_start=warm,
                   **FAST)
@@ -112,18 +119,41 @@ def test_warm_started_estimates_reach_the_equilibrium_of_a_long_cold_burnin() ->
     assert statistics.mean(warmed) == pytest.approx(statistics.mean(equilibrium), rel=0.15), (equilibrium, warmed)
 
 
-def test_the_monitor_warm_starts_every_estimate_after_the_first_by_default() -> None:
-    from test_llc_monitor import FAST as MONITOR_FAST
-    from test_llc_monitor import Net, probe, trainer
+class AtTeacher(pl.LightningModule):
+    """A linear model started at its noise-free teacher and trained with a tiny step: it stays at
+    a minimum, so every estimate is healthy and its chains' offsets are kept."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 3, bias=False)
+        with torch.no_grad():
+            self.layer.weight.copy_(regression_data(n=256)[2])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+    def training_step(self, batch, batch_idx):
+        return mse(self, batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-6)
+
+    def train_dataloader(self) -> DataLoader:
+        return regression_loader()
+
+
+def test_the_monitor_warm_starts_every_estimate_after_the_first_by_default() -> None:
     from devinterp_lightning import LLCMonitor
 
     runs = {}
     for warm in (True, False, 3):
-        monitor = LLCMonitor(mse, data=probe(), every_n_steps=3, **{**MONITOR_FAST, "warm_start": warm})
-        torch.manual_seed(0)
-        trainer([monitor], max_steps=10).fit(Net())
-        runs[warm] = [p.value for p in monitor.history["llc/mean"]]
+        monitor = LLCMonitor(mse, data=regression_loader(), every_n_steps=3, progress=False,
+                             **{**FAST, "warm_start": warm})
+        pl.Trainer(max_steps=10, callbacks=[monitor], logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False).fit(AtTeacher())
+        points = monitor.history["llc/mean"]
+        assert not any(set(p.flags) - WARM_START_KEEPS for p in points)  # no estimate drops its offsets
+        runs[warm] = [p.value for p in points]
         if warm is False:
             assert monitor.chain_offsets is None
         else:
@@ -133,3 +163,19 @@ def test_the_monitor_warm_starts_every_estimate_after_the_first_by_default() -> 
     assert runs[True][1:] != runs[False][1:]
     with pytest.raises(ValueError, match="warm_start must be True, False or a burn-in step count"):
         LLCMonitor(mse, warm_start=-2)
+
+
+def test_offsets_of_chains_that_slid_off_a_maximum_are_dropped() -> None:
+    class Peak(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(3))
+
+    def downhill(model: nn.Module, batch) -> torch.Tensor:  # w* = 0 is a maximum: the LLC is negative
+        return -(model.w**2).sum()
+
+    loader = [torch.zeros(1)]
+    warm = ChainOffsets()
+    res = estimate_llcs(Peak(), downhill, {"llc": (loader, None)}, seed=0, warm_start=warm, **FAST)["llc"]
+    assert "negative" in res.flags
+    assert not warm.offsets and warm.discarded == 1

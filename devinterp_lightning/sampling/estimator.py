@@ -290,7 +290,17 @@ def estimate_llcs(
                 else:
                     result = _flag_minibatch_noise(result, variances[k], settings.batch_order, name)
                 results[name] = result
+            if warm_start is not None and any(set(results[n].flags) - WARM_START_KEEPS for n in names):
+                # chains that slid off a saddle or diverged are no sample of the next posterior
+                warm_start.discard(tuple(names))
     return {name: results[name] for name in jobs}
+
+
+#: health flags after which a group's last chain offsets still serve as a warm start: the chains
+#: disagree (``high_rhat``) or the step size is noisy (``minibatch_noise``), but they sample the
+#: posterior; after any other flag (``negative``, ``below_init``, ``drifting``, ``diverged``, ...)
+#: they are dropped and the next estimate of the group starts at ``w*``
+WARM_START_KEEPS = frozenset({"high_rhat", MINIBATCH_NOISE})
 
 
 def _flag_minibatch_noise(result: LLCResult, variance: float, batch_order: str, name: str) -> LLCResult:

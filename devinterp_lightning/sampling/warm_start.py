@@ -44,6 +44,8 @@ class ChainOffsets:
     #: how many runs started warm / cold (for the docs' measurements and tests)
     warm_runs: int = 0
     cold_runs: int = 0
+    #: how many runs' offsets were dropped because the estimate showed the chains off the posterior
+    discarded: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.burnin_steps, int) and self.burnin_steps >= 0):
@@ -62,6 +64,11 @@ class ChainOffsets:
     def update(self, key: Hashable, final_offsets: Tensor) -> None:
         # kept in host memory: between estimates the accelerator's memory belongs to training
         self.offsets[key] = final_offsets.detach().to("cpu", copy=True)
+
+    def discard(self, key: Hashable) -> None:
+        """Forget ``key``'s offsets (the next run of that group starts at ``w*``)."""
+        self.offsets.pop(key, None)
+        self.discarded += 1
 
     def reset(self) -> None:
         """Forget every stored offset: the next run of every group starts at ``w*``."""
