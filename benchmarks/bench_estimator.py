@@ -7,7 +7,9 @@ Part 1 (speed) and part 2 (values, ``--values``/``--values-only``) are described
 The same estimation (model, chains, steps, batch size, one thread) is run three ways:
 
 - ours: ``estimate_llc`` on a shuffled DataLoader over a TensorDataset.
-- devinterp 2.0.1: ``devinterp.slt.llc.llc`` run in its own virtualenv
+- devinterp 2.0.1, both entry points: the high-level ``devinterp.slt.llc.llc``, and its sampling
+  loop ``devinterp.slt.sampler.sample_single_chain`` called once per chain over a plain torch
+  ``Dataset`` of ``{"input_ids": row}`` (no HuggingFace dataset, no zarr writing), run in its own virtualenv
   (benchmarks/.devinterp-venv, created on demand with ``pip install torch==2.13.0 devinterp==2.0.1``;
   skipped with a message if that fails). devinterp 2.x takes a HuggingFace dataset with an
   ``input_ids`` column and a per-token loss, so the regression pairs are packed as rows
@@ -153,12 +155,31 @@ DEVINTERP_SCRIPT = textwrap.dedent(
         return llc(model, ds, {}, lr=cfg["lr"], n_beta=cfg["nbeta"], localization=cfg["loc"],
                    num_chains=cfg["chains"], num_draws=draws, batch_size=batch, loss_fn=loss_fn,
                    output_path=out, num_init_loss_batches=1, device="cpu")
+    # devinterp's own sampling loop, as a user calling it directly would: sample_single_chain per
+    # chain over a plain torch Dataset of {"input_ids": row} (no HuggingFace dataset, no zarr)
+    from devinterp.slt.config import SAMPLING_METHODS
+    from devinterp.slt.lm_loss import make_evaluate_fn
+    from devinterp.slt.sampler import sample_single_chain
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self, t): self.t = t
+        def __len__(self): return len(self.t)
+        def __getitem__(self, i): return {"input_ids": self.t[i]}
+    rows = Rows(torch.cat([x, y], 1))
+    sgld_kwargs = dict(nbeta=cfg["nbeta"], lr=cfg["lr"], localization=cfg["loc"], noise_level=1.0,
+                       weight_decay=0.0, bounding_box_size=None, save_metrics=False)
+    masks = {n: None for n, _ in model.named_parameters()}
+    def run_loop():
+        for c in range(cfg["chains"]):
+            sample_single_chain(model, rows, make_evaluate_fn(loss_fn), masks, num_draws=draws,
+                                sampling_method=SAMPLING_METHODS["sgmcmc_sgld"], sampling_method_kwargs=sgld_kwargs,
+                                chain=c, seed=c, batch_size=batch, callbacks=[lambda **kw: None])
     sys.stderr = open(os.devnull, "w")  # tqdm bars
-    run()
-    best = math.inf
+    run(); run_loop()
+    best = best_loop = math.inf
     for _ in range(repeats):
         t = time.perf_counter(); run(); best = min(best, time.perf_counter() - t)
-    print(json.dumps({"seconds": best}))
+        t = time.perf_counter(); run_loop(); best_loop = min(best_loop, time.perf_counter() - t)
+    print(json.dumps({"seconds": best, "loop_seconds": best_loop}))
     """
 )
 
@@ -181,7 +202,8 @@ def ensure_devinterp_venv() -> Path | None:
     return python
 
 
-def time_devinterp(python: Path, widths, relu, batch, draws, repeats) -> float | None:
+def time_devinterp(python: Path, widths, relu, batch, draws, repeats) -> tuple[float, float] | None:
+    """Best wall times of devinterp's ``llc()`` and of its ``sample_single_chain`` loop, in seconds."""
     cfg = dict(widths=widths, relu=relu, batch=batch, draws=draws, repeats=repeats, lr=LR, nbeta=NBETA,
                loc=LOCALIZATION, chains=NUM_CHAINS)
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
@@ -190,7 +212,8 @@ def time_devinterp(python: Path, widths, relu, batch, draws, repeats) -> float |
     if proc.returncode != 0:
         print(f"devinterp run failed; skipping it:\n{proc.stdout[-2000:]}")
         return None
-    return float(json.loads(proc.stdout.strip().splitlines()[-1])["seconds"])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return float(out["seconds"]), float(out["loop_seconds"])
 
 
 DEVINTERP_VALUES_SCRIPT = textwrap.dedent(
@@ -323,13 +346,16 @@ def main() -> None:
              ours_runner(model, x, y, batch, args.draws, batch_streams="per_chain", batch_order="replacement")],
             args.repeats,
         )
-        theirs = None if python is None else time_devinterp(python, widths, relu, batch, args.draws, args.repeats)
+        timed = None if python is None else time_devinterp(python, widths, relu, batch, args.draws, args.repeats)
+        theirs, their_loop = (None, None) if timed is None else timed
         print(f"\n{name}: {NUM_CHAINS} chains x {args.draws} steps, batch {batch}, 1 thread")
         print(f"  ours        {ours:7.3f} s  ({ours / steps * 1e3:.3f} ms per chain-step)")
         print(f"  train loop  {train:7.3f} s  ({train / steps * 1e3:.3f} ms per training step)")
         if theirs is not None:
             print(f"  devinterp   {theirs:7.3f} s  ({theirs / steps * 1e3:.3f} ms per chain-step)")
-            print(f"  speed-up vs devinterp: {theirs / ours:.2f}x")
+            print(f"  devinterp sample_single_chain loop {their_loop:7.3f} s  "
+                  f"({their_loop / steps * 1e3:.3f} ms per chain-step)")
+            print(f"  speed-up vs devinterp: {theirs / ours:.2f}x (llc()), {their_loop / ours:.2f}x (its sampling loop)")
         print(f"  chain-step / training step: {ours / train:.2f}")
         print(f"  per-chain streams: {per_chain / ours:.2f}x the shared stream's time "
               f"({per_chain_iid / ours:.2f}x with batch_order='replacement')")
