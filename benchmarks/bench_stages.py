@@ -13,6 +13,12 @@ Shapes (100 points unless said; ``A`` is the amplitude of a rise, the noise has 
 * ``plateau-ramp``: flat up to point 40, then a steady ramp to A (expected 1 transition at 40);
 * ``flat``: noise only (expected 0).
 
+Real series (replayed with their reported standard errors, flagged points skipped):
+``benchmarks/data/dln_llc.json`` (the deep linear network example, two known rises) and
+``benchmarks/data/icl_llc.json`` (the in-context linear regression example, seeds 0-2, written by
+``benchmarks/make_icl_llc.py``; the ground truth is the step where the ICL score reaches half its final
+value).
+
 The true onset of a logistic rise is its 10% point, ``centre - w / 2``. A detection is a hit when its
 direction is right and its onset is within ``max(3, w / 2)`` points of a true onset (each truth is
 matched once). Noise: AR(1) ``e[t] = phi e[t-1] + sqrt(1 - phi**2) u[t]``, ``u`` standard normal, so its
@@ -203,6 +209,25 @@ def dln_check(detector: str = "plateau", **kw: Any) -> dict[str, Any]:
             "truth": list(zip(gt["onsets"], gt["directions"], strict=True))}
 
 
+def icl_check(detector: str = "plateau", **kw: Any) -> list[dict[str, Any]]:
+    """The in-context regression example's healthy llc/mean series (benchmarks/data/icl_llc.json, one run
+    per seed, written by benchmarks/make_icl_llc.py) against its ICL milestone: the step where the
+    ICL score first reaches half its final value."""
+    data = json.loads((ROOT / "benchmarks" / "data" / "icl_llc.json").read_text())
+    out = []
+    for run in data["runs"]:
+        keep = [i for i, f in enumerate(run["flags"]) if not f]
+        steps = [run["steps"][i] for i in keep]
+        values = [run["values"][i] for i in keep]
+        stderrs = [run["stderr"][i] for i in keep]
+        tracker = make_tracker(detector, **kw)
+        for k in range(1, len(steps) + 1):
+            tracker.update(steps[:k], values[:k], stderrs=stderrs[:k])
+        out.append({"seed": run["seed"], "icl_half": run["milestones"]["icl_half"],
+                    "found": [(t.changepoint_step, t.direction, t.step) for t in tracker.transitions]})
+    return out
+
+
 def cost_per_update(lengths: tuple[int, ...] = (100, 300, 1000), repeats: int = 20) -> list[dict[str, Any]]:
     """Wall time of one ``update`` on a series of ``n`` points (noise plus a rise), for the plateau
     tracker (window ``max_points=300``) and the binseg tracker (window 1000), in the same process.
@@ -250,7 +275,11 @@ def main(argv: list[str] | None = None) -> None:
                 print(markdown([rows[-1]]).splitlines()[-1], flush=True, file=sys.stderr)
     print(markdown(rows))
     print(f"\n{args.detector}, {args.seeds} seeds per row, {time.perf_counter() - t0:.0f} s")
-    print("DLN example:", dln_check(args.detector) if args.detector != "turning" else "-")
+    if args.detector != "turning":
+        print("DLN example:", dln_check(args.detector))
+        for r in icl_check(args.detector):
+            print(f"ICL example, seed {r['seed']}: ICL milestone (half) at step {r['icl_half']}; found "
+                  f"(onset, direction, confirmed): {r['found']}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
