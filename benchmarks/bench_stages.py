@@ -1,7 +1,7 @@
 """Stage detection on a suite of shapes and noises: precision, recall, exactly-k rate, onset error,
 confirmation delay and false alarms, with each series replayed point by point as in training.
 
-    python benchmarks/bench_stages.py [--seeds 100] [--detector plateau|binseg|turning] [--quick]
+    python benchmarks/bench_stages.py [--seeds 100] [--detector plateau|binseg|turning] [--noise-model residual]
 
 Shapes (100 points unless said; ``A`` is the amplitude of a rise, the noise has marginal sd 1):
 
@@ -14,7 +14,8 @@ Shapes (100 points unless said; ``A`` is the amplitude of a rise, the noise has 
 * ``flat``: noise only (expected 0).
 
 Real series (replayed with their reported standard errors, flagged points skipped):
-``benchmarks/data/dln_llc.json`` (the deep linear network example, two known rises) and
+``benchmarks/data/dln_llc.json`` (the deep linear network example, two known rises),
+``benchmarks/data/grokking_llc.json`` (the grokking example, one smooth decline from the LLC peak) and
 ``benchmarks/data/icl_llc.json`` (the in-context linear regression example, seeds 0-2, written by
 ``benchmarks/make_icl_llc.py``; the ground truth is the step where the ICL score reaches half its final
 value).
@@ -196,7 +197,13 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def dln_check(detector: str = "plateau", **kw: Any) -> dict[str, Any]:
     """The DLN example's healthy llc/mean series (benchmarks/data/dln_llc.json) against its known onsets."""
-    data = json.loads((ROOT / "benchmarks" / "data" / "dln_llc.json").read_text())
+    return real_check("dln_llc.json", detector, **kw)
+
+
+def real_check(name: str, detector: str = "plateau", **kw: Any) -> dict[str, Any]:
+    """A recorded example series (benchmarks/data/<name>: steps, values, stderr, flags, ground_truth) replayed
+    point by point with its standard errors, flagged points skipped."""
+    data = json.loads((ROOT / "benchmarks" / "data" / name).read_text())
     keep = [i for i, f in enumerate(data["flags"]) if not f]
     steps = [data["steps"][i] for i in keep]
     values = [data["values"][i] for i in keep]
@@ -255,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--amplitudes", type=float, nargs="+", default=[8.0, 4.0])
     p.add_argument("--phis", type=float, nargs="+", default=[0.0, 0.5, 0.8])
     p.add_argument("--shapes", nargs="+", default=None)
+    p.add_argument("--noise-model", default="variogram", choices=["variogram", "residual"],
+                   help="PlateauTracker(noise_model=...)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--cost", action="store_true", help="only measure the time per update")
     args = p.parse_args(argv)
@@ -263,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         for r in cost_per_update():
             print(f"| {r['n']} | {r['plateau']:.1f} | {r['binseg']:.1f} |")
         return
+    kw: dict[str, Any] = {"noise_model": args.noise_model} if args.detector == "plateau" else {}
     rows = []
     t0 = time.perf_counter()
     for sh in shapes():
@@ -271,13 +281,14 @@ def main(argv: list[str] | None = None) -> None:
         amps = [1.0] if sh.name == "flat" else args.amplitudes
         for a in amps:
             for phi in args.phis:
-                rows.append(run_cell(sh, a, phi, range(args.seeds), args.detector))
+                rows.append(run_cell(sh, a, phi, range(args.seeds), args.detector, **kw))
                 print(markdown([rows[-1]]).splitlines()[-1], flush=True, file=sys.stderr)
     print(markdown(rows))
     print(f"\n{args.detector}, {args.seeds} seeds per row, {time.perf_counter() - t0:.0f} s")
     if args.detector != "turning":
-        print("DLN example:", dln_check(args.detector))
-        for r in icl_check(args.detector):
+        print("DLN example:", dln_check(args.detector, **kw))
+        print("grokking example:", real_check("grokking_llc.json", args.detector, **kw))
+        for r in icl_check(args.detector, **kw):
             print(f"ICL example, seed {r['seed']}: ICL milestone (half) at step {r['icl_half']}; found "
                   f"(onset, direction, confirmed): {r['found']}")
     if args.json:
