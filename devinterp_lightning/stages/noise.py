@@ -18,10 +18,11 @@ A first-difference estimate alone sees ``gamma(1) = sigma**2 (1 - phi)``: too sm
 
 The variogram ratio ``gamma(2) / gamma(1) - 1`` is a noisy estimate of ``phi`` on a short series
 (standard deviation 0.16-0.17 over 100 points at ``phi`` = 0.5 and 0.8, against 0.07-0.09 for the
-lag-1 autocorrelation). :func:`segment_noise` therefore estimates ``phi`` from the lag-1
-autocorrelation of the residuals of a segment fit, corrected exactly for the bias of fitting a level
-or a line to each segment; :func:`estimate_long_run_noise` (median-based variograms, which do not see
-the level) places the segments of that fit.
+lag-1 autocorrelation, measured over 400 series). :func:`segment_noise` estimates ``phi`` from the
+lag-1 autocorrelation of the residuals of a segment fit, corrected exactly for the bias of fitting a
+level or a line to each segment (``PlateauTracker(noise_model="residual")``); it reads the curvature of
+a smooth curve that a piecewise-linear fit leaves in its residuals as autocorrelation, which is why it
+is not the tracker's default (docs/stages.md).
 """
 
 from __future__ import annotations
