@@ -1,7 +1,7 @@
 """Stage detection on a suite of shapes and noises: precision, recall, exactly-k rate, onset error,
 confirmation delay and false alarms, with each series replayed point by point as in training.
 
-    python benchmarks/bench_stages.py [--seeds 100] [--detector plateau|binseg|turning] [--quick]
+    python benchmarks/bench_stages.py [--seeds 100] [--detector plateau|binseg|turning] [--noise-model residual]
 
 Shapes (100 points unless said; ``A`` is the amplitude of a rise, the noise has marginal sd 1):
 
@@ -12,6 +12,13 @@ Shapes (100 points unless said; ``A`` is the amplitude of a rise, the noise has 
 * ``ramp``: a steady ramp 0 -> A over all points (no plateau: expected 0 transitions, one long stage);
 * ``plateau-ramp``: flat up to point 40, then a steady ramp to A (expected 1 transition at 40);
 * ``flat``: noise only (expected 0).
+
+Real series (replayed with their reported standard errors, flagged points skipped):
+``benchmarks/data/dln_llc.json`` (the deep linear network example, two known rises),
+``benchmarks/data/grokking_llc.json`` (the grokking example, one smooth decline from the LLC peak) and
+``benchmarks/data/icl_llc.json`` (the in-context linear regression example, seeds 0-2, written by
+``benchmarks/make_icl_llc.py``; the ground truth is the step where the ICL score reaches half its final
+value).
 
 The true onset of a logistic rise is its 10% point, ``centre - w / 2``. A detection is a hit when its
 direction is right and its onset is within ``max(3, w / 2)`` points of a true onset (each truth is
@@ -190,7 +197,13 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def dln_check(detector: str = "plateau", **kw: Any) -> dict[str, Any]:
     """The DLN example's healthy llc/mean series (benchmarks/data/dln_llc.json) against its known onsets."""
-    data = json.loads((ROOT / "benchmarks" / "data" / "dln_llc.json").read_text())
+    return real_check("dln_llc.json", detector, **kw)
+
+
+def real_check(name: str, detector: str = "plateau", **kw: Any) -> dict[str, Any]:
+    """A recorded example series (benchmarks/data/<name>: steps, values, stderr, flags, ground_truth) replayed
+    point by point with its standard errors, flagged points skipped."""
+    data = json.loads((ROOT / "benchmarks" / "data" / name).read_text())
     keep = [i for i, f in enumerate(data["flags"]) if not f]
     steps = [data["steps"][i] for i in keep]
     values = [data["values"][i] for i in keep]
@@ -201,6 +214,25 @@ def dln_check(detector: str = "plateau", **kw: Any) -> dict[str, Any]:
     gt = data["ground_truth"]
     return {"found": [(t.changepoint_step, t.direction, t.step) for t in tracker.transitions],
             "truth": list(zip(gt["onsets"], gt["directions"], strict=True))}
+
+
+def icl_check(detector: str = "plateau", **kw: Any) -> list[dict[str, Any]]:
+    """The in-context regression example's healthy llc/mean series (benchmarks/data/icl_llc.json, one run
+    per seed, written by benchmarks/make_icl_llc.py) against its ICL milestone: the step where the
+    ICL score first reaches half its final value."""
+    data = json.loads((ROOT / "benchmarks" / "data" / "icl_llc.json").read_text())
+    out = []
+    for run in data["runs"]:
+        keep = [i for i, f in enumerate(run["flags"]) if not f]
+        steps = [run["steps"][i] for i in keep]
+        values = [run["values"][i] for i in keep]
+        stderrs = [run["stderr"][i] for i in keep]
+        tracker = make_tracker(detector, **kw)
+        for k in range(1, len(steps) + 1):
+            tracker.update(steps[:k], values[:k], stderrs=stderrs[:k])
+        out.append({"seed": run["seed"], "icl_half": run["milestones"]["icl_half"],
+                    "found": [(t.changepoint_step, t.direction, t.step) for t in tracker.transitions]})
+    return out
 
 
 def cost_per_update(lengths: tuple[int, ...] = (100, 300, 1000), repeats: int = 20) -> list[dict[str, Any]]:
@@ -230,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--amplitudes", type=float, nargs="+", default=[8.0, 4.0])
     p.add_argument("--phis", type=float, nargs="+", default=[0.0, 0.5, 0.8])
     p.add_argument("--shapes", nargs="+", default=None)
+    p.add_argument("--noise-model", default="variogram", choices=["variogram", "residual"],
+                   help="PlateauTracker(noise_model=...)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--cost", action="store_true", help="only measure the time per update")
     args = p.parse_args(argv)
@@ -238,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         for r in cost_per_update():
             print(f"| {r['n']} | {r['plateau']:.1f} | {r['binseg']:.1f} |")
         return
+    kw: dict[str, Any] = {"noise_model": args.noise_model} if args.detector == "plateau" else {}
     rows = []
     t0 = time.perf_counter()
     for sh in shapes():
@@ -246,11 +281,16 @@ def main(argv: list[str] | None = None) -> None:
         amps = [1.0] if sh.name == "flat" else args.amplitudes
         for a in amps:
             for phi in args.phis:
-                rows.append(run_cell(sh, a, phi, range(args.seeds), args.detector))
+                rows.append(run_cell(sh, a, phi, range(args.seeds), args.detector, **kw))
                 print(markdown([rows[-1]]).splitlines()[-1], flush=True, file=sys.stderr)
     print(markdown(rows))
     print(f"\n{args.detector}, {args.seeds} seeds per row, {time.perf_counter() - t0:.0f} s")
-    print("DLN example:", dln_check(args.detector) if args.detector != "turning" else "-")
+    if args.detector != "turning":
+        print("DLN example:", dln_check(args.detector, **kw))
+        print("grokking example:", real_check("grokking_llc.json", args.detector, **kw))
+        for r in icl_check(args.detector, **kw):
+            print(f"ICL example, seed {r['seed']}: ICL milestone (half) at step {r['icl_half']}; found "
+                  f"(onset, direction, confirmed): {r['found']}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

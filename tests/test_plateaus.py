@@ -13,7 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from devinterp_lightning.stages.noise import estimate_long_run_noise, smoothing_half_width
+from devinterp_lightning.stages.noise import (
+    ar1_residual_moments,
+    estimate_long_run_noise,
+    segment_noise,
+    smoothing_half_width,
+)
 from devinterp_lightning.stages.plateaus import (
     PlateauTracker,
     changes,
@@ -59,6 +64,53 @@ def test_breaks_keep_a_level_shift_out_of_the_noise():
     x = np.r_[np.zeros(100), np.full(100, 10.0)] + rng.normal(size=200)
     with_break = estimate_long_run_noise(x, breaks=[100], margin=0.0)
     assert with_break.sigma == pytest.approx(1.0, rel=0.15) and with_break.phi < 0.1
+
+
+def test_ar1_residual_moments_match_the_traces_by_definition():
+    # E[r'r] = tr(P R P), E[sum r_t r_(t+1)] = sum of the first sub-diagonal of P R P, P the residual
+    # projector of a level or a line, R[i, j] = phi**|i - j|
+    phis = np.array([0.0, 0.3, 0.8, 0.95])
+    for m in (3, 5, 20, 100):
+        for ramp in (False, True):
+            den, num = ar1_residual_moments(m, ramp, phis)
+            i = np.arange(m)
+            cols = [np.ones(m)] + ([i - i.mean()] if ramp else [])
+            q = np.linalg.qr(np.stack(cols, 1))[0]
+            p = np.eye(m) - q @ q.T
+            for k, phi in enumerate(phis):
+                prp = p @ (phi ** np.abs(i[:, None] - i[None, :])) @ p
+                assert den[k] == pytest.approx(np.trace(prp), abs=1e-9)
+                assert num[k] == pytest.approx(np.trace(prp[1:, :-1]), abs=1e-9)
+
+
+def test_segment_noise_recovers_ar1_with_levels_and_ramps_fitted():
+    # 20000 points in 40 segments of 500, half of them lines: the residual estimate is unbiased
+    for phi in (0.0, 0.5, 0.8):
+        x = ar1(np.random.default_rng(1), 20_000, phi)
+        segs = [(a, a + 500, bool(k % 2)) for k, a in enumerate(range(0, 20_000, 500))]
+        x = x + np.concatenate([0.01 * np.arange(500) * (k % 2) + 5 * k for k in range(40)])
+        est = segment_noise(x, segs, margin=0.0)
+        assert est.phi == pytest.approx(phi, abs=0.02)
+        assert est.sigma == pytest.approx(1.0, rel=0.05)
+    assert segment_noise(np.zeros(10), [(0, 2, False)]).long_run == 0.0
+    assert segment_noise(np.random.default_rng(2).normal(size=50), [(0, 50, False)], [4.0] * 50).sigma == 4.0
+
+
+def test_segment_noise_corrects_the_bias_of_short_segments():
+    """100 points of AR(1) noise, phi = 0.5, cut into 10 levels of 10 points: fitting a level to each
+    lowers the plain lag-1 autocorrelation by about (1 + 3 phi) / 10 = 0.25; the corrected estimate is
+    unbiased (measured over 400 series: mean 0.480, sd 0.134; over the 200 here the mean's standard error
+    is 0.01)."""
+    segs = [(a, a + 10, False) for a in range(0, 100, 10)]
+    est, plain = [], []
+    for seed in range(200):
+        x = ar1(np.random.default_rng([seed, 7]), 100, 0.5)
+        est.append(segment_noise(x, segs, margin=0.0).phi)
+        r = np.concatenate([x[a:b] - x[a:b].mean() for a, b, _ in segs])
+        pairs = sum(float(r[a + 1:b] @ r[a:b - 1]) for a, b, _ in segs)
+        plain.append(pairs / float(r @ r))
+    assert abs(np.mean(est) - 0.5) < 0.04
+    assert np.mean(plain) < 0.35
 
 
 def test_despike_removes_a_lone_outlier_and_keeps_a_step():
@@ -130,6 +182,32 @@ def test_suite_headline_few_seeds():
     assert flat["any"] <= 2 / 30
 
 
+def test_residual_noise_model_keeps_the_second_stair_under_ar1_noise():
+    """stairs-2 with AR(1) noise, phi = 0.5, seeds 0-29: exactly two transitions in 15 of 30 series with the
+    default noise model and in 26 of 30 with noise_model="residual"; flat noise of the same kind gives
+    0 and 1 false alarms. Bounds: two series of room."""
+    default = run_cell(SHAPES["stairs-2"], 8.0, 0.5, range(30), "plateau")
+    residual = run_cell(SHAPES["stairs-2"], 8.0, 0.5, range(30), "plateau", noise_model="residual")
+    flat = run_cell(SHAPES["flat"], 1.0, 0.5, range(30), "plateau", noise_model="residual")
+    assert residual["exact"] >= 24 / 30 and default["exact"] <= 17 / 30
+    assert flat["any"] <= 3 / 30
+    with pytest.raises(ValueError, match="noise_model"):
+        PlateauTracker("m", noise_model="ratio")  # type: ignore[arg-type]
+
+
+def test_recorded_grokking_series_has_one_decrease_at_the_peak():
+    """The grokking example's llc/mean (benchmarks/data/grokking_llc.json, 27 points, stderr 0.2-0.3): the
+    default tracker finds one decrease with onset 60, the peak, confirmed at step 800. The residual noise
+    model reads the smooth decline's curvature as autocorrelation (phi at its cap 0.9) and puts the onset
+    at 600: on such curves it is not the default."""
+    from bench_stages import real_check
+
+    assert real_check("grokking_llc.json")["found"] == [(60, "decrease", 800)]
+    assert real_check("grokking_llc.json", noise_model="residual")["found"] == [(600, "decrease", 1600)]
+    dln = real_check("dln_llc.json", noise_model="residual")
+    assert [(s, d) for s, d, _ in dln["found"]] == dln["truth"]
+
+
 @pytest.mark.slow
 def test_suite_headline_many_seeds():
     """100 seeds per cell: the docs/stages.md table (see there for the measured values)."""
@@ -143,3 +221,46 @@ def test_suite_headline_many_seeds():
     assert cells["flat", 1.0, 0.5]["any"] <= SLOW_FLAT_AR
     assert cells["rise-10", 8.0, 0.0]["exact"] >= SLOW_RISE
     assert cells["stairs-2", 8.0, 0.0]["exact"] >= SLOW_STAIRS
+
+
+@pytest.mark.slow
+def test_residual_noise_model_many_seeds():
+    """100 seeds per cell, noise_model="residual" (docs/stages.md): measured exactly two on stairs-2 at
+    phi = 0.5 in 84/100, exactly one on rise-10 at phi = 0.8 in 91/100, false alarms on flat noise at
+    phi = 0.5 in 5/100 and at phi = 0.8 in 18/100 (the last is above the 5% target). Bounds: two series
+    of room."""
+    rows = {(name, phi): run_cell(SHAPES[name], 1.0 if name == "flat" else 8.0, phi, range(100), "plateau",
+                                  noise_model="residual")
+            for name, phi in (("stairs-2", 0.5), ("rise-10", 0.8), ("flat", 0.5), ("flat", 0.8))}
+    assert rows["stairs-2", 0.5]["exact"] >= 0.82
+    assert rows["rise-10", 0.8]["exact"] >= 0.89
+    assert rows["flat", 0.5]["any"] <= 0.07
+    assert rows["flat", 0.8]["any"] <= 0.20
+
+
+# window around the ICL milestone (the step where the ICL score reaches half its final value) in which
+# the onset of the LLC rise must lie: the rise starts before the behaviour has half changed. With a
+# fixed noise level (PlateauTracker(noise=6.0)) the onsets of the three seeds are 115 and 60 steps before
+# and 5 after the milestone (benchmarks/data/icl_llc.json); the window adds 35-45 steps of room
+ICL_WINDOW = (-150, 50)
+
+
+def test_icl_example_llc_series():
+    """The in-context regression example's recorded llc/mean series (seeds 0-2, benchmarks/data/icl_llc.json).
+
+    Measured with the default tracker: seeds 1 and 2 give one increase, onsets 40 steps before and 25
+    steps after the ICL milestone (steps 360 vs 400, 400 vs 375); seed 0 gives none (its rise from 6 to
+    55 over 8 points is fitted first as one ramp over the whole window, whose S-shaped residuals read
+    as phi = 0.9 and put sigma_lr at 54, docs/stages.md). Nothing spurious on any seed.
+    """
+    from bench_stages import icl_check
+
+    found = icl_check()
+    assert [r["seed"] for r in found] == [0, 1, 2]
+    hits = 0
+    for r in found:
+        assert all(d == "increase" for _, d, _ in r["found"]) and len(r["found"]) <= 1, r
+        for onset, _, _ in r["found"]:
+            assert ICL_WINDOW[0] <= onset - r["icl_half"] <= ICL_WINDOW[1], r
+            hits += 1
+    assert hits >= 2

@@ -8,7 +8,12 @@ plateau before it ends.
 **Noise.** The long-run noise level ``sigma_lr`` (:mod:`~devinterp_lightning.stages.noise`, AR(1))
 is estimated twice per fit: from median-based variograms (robust to the jumps of a step), then from
 the residuals of a first fit, leaving out the pairs of points across its segment boundaries, across
-the previous update's boundaries and across confirmed transitions.
+the previous update's boundaries and across confirmed transitions. ``noise_model="residual"`` takes
+the second estimate from the lag-1 autocorrelation of those residuals instead, corrected exactly for
+the bias of fitting a level or a line to each segment
+(:func:`~devinterp_lightning.stages.noise.segment_noise`): better on autocorrelated noise around
+plateaus and steps, worse on smooth real curves, whose curvature it reads as autocorrelation
+(docs/stages.md has both measured).
 
 **Segmentation.** The series, divided by ``sigma_lr``, is cut into segments by exact optimal
 partitioning (dynamic programming). Each segment is either *flat* (one level) or a *ramp* (a
@@ -53,17 +58,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from devinterp_lightning.stages.base import Tracker, replay
 from devinterp_lightning.stages.events import Transition
-from devinterp_lightning.stages.noise import NoiseLevel, estimate_long_run_noise
+from devinterp_lightning.stages.noise import NoiseLevel, estimate_long_run_noise, segment_noise
 
 __all__ = ["Change", "PlateauTracker", "Segment", "changes", "despike", "detect_transitions", "fit_segments"]
 
 SegmentKind = Literal["flat", "ramp"]
+NoiseModel = Literal["variogram", "residual"]
 
 
 @dataclass(frozen=True)
@@ -345,7 +351,11 @@ class PlateauTracker(Tracker):
             :func:`~devinterp_lightning.stages.noise.estimate_long_run_noise`, or a fixed long-run
             ``sigma_lr``.
         noise_margin: the estimated AR(1) coefficient is raised by this many standard errors
-            (:func:`~devinterp_lightning.stages.noise.estimate_long_run_noise`).
+            (:func:`~devinterp_lightning.stages.noise.estimate_long_run_noise`,
+            :func:`~devinterp_lightning.stages.noise.segment_noise`).
+        noise_model: how the second noise estimate reads the residuals of the first fit:
+            ``"variogram"`` (lag-1 / lag-2 variogram ratio) or ``"residual"`` (bias-corrected lag-1
+            autocorrelation); module docstring.
         min_points: no fit before the series has this many points.
     """
 
@@ -365,6 +375,7 @@ class PlateauTracker(Tracker):
         max_points: int = 300,
         noise: float | None = None,
         noise_margin: float = 2.0,
+        noise_model: NoiseModel = "variogram",
         min_points: int = 10,
     ) -> None:
         if min_size < 2:
@@ -374,6 +385,8 @@ class PlateauTracker(Tracker):
         if penalty_scale <= 0 or z_slope <= 0 or z_change <= 0:
             raise ValueError("penalty_scale, z_slope and z_change must be > 0, got "
                              f"{penalty_scale}, {z_slope}, {z_change}")
+        if noise_model not in get_args(NoiseModel):
+            raise ValueError(f"noise_model must be one of {get_args(NoiseModel)}, got {noise_model!r}")
         if max_points < 2 * min_size:
             raise ValueError(f"max_points must be >= 2 * min_size = {2 * min_size}, got {max_points}")
         self.monitor = monitor
@@ -389,6 +402,7 @@ class PlateauTracker(Tracker):
         self.max_points = int(max_points)
         self.noise = noise
         self.noise_margin = float(noise_margin)
+        self.noise_model = noise_model
         self.min_points = max(int(min_points), 2 * int(min_size))
         self._confirmed: list[_Confirmed] = []
         self._pending: list[_Candidate] = []
@@ -417,6 +431,13 @@ class PlateauTracker(Tracker):
             x = despike(x, first.sigma)
             segs = fit_segments(x, first.long_run, penalty_scale=self.penalty_scale, z_slope=self.z_slope,
                                 min_size=self.min_size)
+            if self.noise_model == "residual":
+                self.last_noise = segment_noise(x, [(s.start, s.end, s.kind == "ramp") for s in segs], stderrs,
+                                                margin=self.noise_margin)
+                scale = self.last_noise.long_run
+                segs = fit_segments(x, scale, penalty_scale=self.penalty_scale, z_slope=self.z_slope,
+                                    min_size=self.min_size)
+                return segs, changes(segs, scale, z_change=self.z_change, min_plateau=self.min_plateau), scale
             trend = np.concatenate([[s.value_at(i) for i in range(s.start, s.end)] for s in segs])
             breaks = {s.start for s in segs[1:]} | {i for a, b in known for i in range(max(a, 1), b + 1)}
             breaks |= {b for b in previous if 0 < b < x.size}

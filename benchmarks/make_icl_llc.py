@@ -1,0 +1,88 @@
+"""Record the ``llc/mean`` series of the in-context linear regression example for a few seeds into
+benchmarks/data/icl_llc.json (the real series that bench_stages.py replays).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/make_icl_llc.py --seeds 0 1 2 -- --llc-every 20 --num-draws 60
+
+Everything after ``--`` is passed to ``examples/in_context_linear_regression.py`` as it is (with
+``--seed``, ``--quiet`` and a private ``--logdir`` added). The example's ``main`` does not return the
+per-point standard errors, so the monitor it builds is captured (a subclass that remembers its
+instance) and its history is read directly; the example itself is not changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import examples.in_context_linear_regression as icl  # noqa: E402
+
+
+def run_seed(seed: int, example_args: list[str]) -> dict[str, Any]:
+    captured: list[Any] = []
+
+    class Capturing(icl.LLCMonitor):  # type: ignore[misc, valid-type]
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            captured.append(self)
+
+    original = icl.LLCMonitor
+    icl.LLCMonitor = Capturing
+    try:
+        with tempfile.TemporaryDirectory() as logdir:
+            t0 = time.perf_counter()
+            result = icl.main([*example_args, "--seed", str(seed), "--quiet", "--logdir", logdir])
+            seconds = time.perf_counter() - t0
+    finally:
+        icl.LLCMonitor = original
+    points = captured[0].history.get("llc/mean")
+    curve = result["curve"]
+    return {
+        "seed": seed,
+        "milestones": result["milestones"],
+        "example_transitions": [(t["changepoint_step"], t["direction"]) for t in result["transitions"]],
+        "seconds": round(seconds, 1),
+        "steps": [p.step for p in points],
+        "values": [p.value for p in points],
+        "std": [p.std for p in points],
+        "stderr": [p.stderr for p in points],
+        "flags": [list(p.flags) for p in points],
+        "icl_score": {"steps": [int(s) for s in curve["step"]], "values": curve["icl/score"]},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    example_args: list[str] = []
+    if "--" in argv:
+        k = argv.index("--")
+        argv, example_args = argv[:k], argv[k + 1:]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "data" / "icl_llc.json"))
+    args = p.parse_args(argv)
+    runs = []
+    for s in args.seeds:
+        runs.append(run_seed(s, example_args))
+        r = runs[-1]
+        print(f"seed {s}: {len(r['steps'])} points, milestones {r['milestones']}, "
+              f"example transitions {r['example_transitions']}, {r['seconds']} s", flush=True)
+    data = {
+        "source": ("OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/make_icl_llc.py --seeds "
+                   + " ".join(map(str, args.seeds)) + " -- " + " ".join(example_args)),
+        "example_args": example_args,
+        "runs": runs,
+    }
+    Path(args.out).write_text(json.dumps(data, indent=1))
+
+
+if __name__ == "__main__":
+    main()
