@@ -148,12 +148,12 @@ class CalibrationResult:
             healthiest trial) was returned and a warning was issued, with the reason in ``reason``.
         reason: one line saying why this lr was chosen.
         curvature: top eigenvalue of the Hessian of the batch loss at w* (power iteration).
-        relaxation_steps: ``1 / (lr * (localization + nbeta * min(min_curvature, 0)))``, the e-folding
-            time in steps of the variance of the slowest direction: one the loss leaves flat (only the
-            localization holds it) or, at a saddle, one of negative curvature (inf without a
-            localization, or when it does not outweigh the negative curvature).
-        min_curvature: smallest eigenvalue of that Hessian (power iteration on ``H - curvature * I``;
-            it never undershoots, so a negative value is a real saddle direction).
+        relaxation_steps: ``1 / (lr * (localization + nbeta * c))``, the e-folding time in steps of the
+            variance of the slowest direction: one the loss leaves flat (only the localization holds
+            it; ``c = 0``) or, at a saddle, one of negative curvature ``c < 0`` (``min_curvature``
+            where it is negative beyond the batch-to-batch noise); inf without a localization, or
+            when the localization does not outweigh the negative curvature.
+        min_curvature: smallest eigenvalue of that Hessian (power iteration on ``H - curvature * I``).
         trials: every lr considered, largest first, with its measurements and rejection reason.
         estimate: the estimate at the chosen lr (a by-product: no need to estimate again).
         num_steps: SGLD steps per chain spent by the calibration (probe and estimates).
@@ -261,45 +261,72 @@ class _Probe:
         tensors.update({"model." + n: t for n, t in moving.items()})
         return functional_call(self.module, tensors, (batch,)).reshape(())
 
-    def top_eigenvalue(self, iters: int, generator: torch.Generator, shift: float = 0.0) -> float:
-        """Largest |eigenvalue| of ``H - shift * I``, ``H`` the Hessian of the mean loss over the fixed
-        batches at w* (``shift=0``: the top |eigenvalue| of ``H``).
+    def _hessian(self, batches: list[Any]) -> tuple[dict[str, Tensor], list[tuple[str, Tensor]]]:
+        """``w*`` as leaves and the gradient of the mean loss over ``batches`` with its graph kept."""
+        w0 = {n: self.anchor[n].detach().clone().requires_grad_(True) for n in self.masks}
+        with torch.enable_grad():
+            loss = sum(self.loss(w0, b) for b in batches) / len(batches)
+            grads = torch.autograd.grad(loss, list(w0.values()), create_graph=True, allow_unused=True)
+        return w0, [(n, g) for n, g in zip(w0, grads, strict=True) if g is not None and g.requires_grad]
+
+    def _hvp(self, w0: dict[str, Tensor], pairs: list[tuple[str, Tensor]], v: dict[str, Tensor]) -> dict[str, Tensor]:
+        with torch.enable_grad():
+            dot = sum((g * v[n]).sum() for n, g in pairs)
+            hv = torch.autograd.grad(dot, [w0[n] for n, _ in pairs], retain_graph=True, allow_unused=True)
+        return {n: (torch.zeros_like(v[n]) if h is None else h.detach() * self.masks[n])
+                for (n, _), h in zip(pairs, hv, strict=True)}
+
+    def _power(self, iters: int, generator: torch.Generator, shift: float) -> tuple[float, dict[str, Tensor]]:
+        """Power iteration on ``H - shift * I``: the Rayleigh quotient of the dominant eigenvalue (signed)
+        and its unit vector (empty when the loss is at most linear in the moving weights)."""
+        w0, pairs = self._hessian(self.batches)
+        if not pairs:
+            return 0.0, {}
+        v = {n: torch.randn(w0[n].shape, generator=generator, device=w0[n].device, dtype=w0[n].dtype)
+             * self.masks[n] for n, _ in pairs}
+        eig, unit = 0.0, v
+        for _ in range(iters):
+            norm = math.sqrt(sum(float((x * x).sum()) for x in v.values()))
+            if norm == 0.0 or not math.isfinite(norm):
+                break
+            unit = {n: x / norm for n, x in v.items()}
+            hv = {n: h - shift * unit[n] for n, h in self._hvp(w0, pairs, unit).items()}
+            eig = float(sum((hv[n] * unit[n]).sum() for n in unit))
+            v = hv
+        return eig, unit
+
+    def top_eigenvalue(self, iters: int, generator: torch.Generator) -> float:
+        """Largest |eigenvalue| of the Hessian ``H`` of the mean loss over the fixed batches at w*.
 
         Power iteration with Hessian-vector products by double backward (plain autograd: forward
         mode would pull in torch's decomposition tables, seconds of import time).
         """
-        w0 = {n: self.anchor[n].detach().clone().requires_grad_(True) for n in self.masks}
-        with torch.enable_grad():
-            loss = sum(self.loss(w0, b) for b in self.batches) / len(self.batches)
-            grads = torch.autograd.grad(loss, list(w0.values()), create_graph=True, allow_unused=True)
-        pairs = [(n, g) for n, g in zip(w0, grads, strict=True) if g is not None and g.requires_grad]
-        if not pairs:
-            return 0.0  # the loss is at most linear in the moving weights here
-        v = {n: torch.randn(w0[n].shape, generator=generator, device=w0[n].device, dtype=w0[n].dtype)
-             * self.masks[n] for n, _ in pairs}
-        eig = 0.0
-        for _ in range(iters):
-            norm = math.sqrt(sum(float((x * x).sum()) for x in v.values()))
-            if norm == 0.0 or not math.isfinite(norm):
-                return abs(eig)
-            v = {n: x / norm for n, x in v.items()}
-            with torch.enable_grad():
-                dot = sum((g * v[n]).sum() for n, g in pairs)
-                hv = torch.autograd.grad(dot, [w0[n] for n, _ in pairs], retain_graph=True, allow_unused=True)
-            hv_d = {n: (torch.zeros_like(v[n]) if h is None else h.detach() * self.masks[n]) - shift * v[n]
-                    for (n, _), h in zip(pairs, hv, strict=True)}
-            eig = float(sum((hv_d[n] * v[n]).sum() for n in v))
-            v = hv_d
-        return abs(eig)
+        return abs(self._power(iters, generator, 0.0)[0])
 
-    def bottom_eigenvalue(self, top: float, iters: int, generator: torch.Generator) -> float:
-        """Smallest eigenvalue of the Hessian, by power iteration on ``H - top * I`` (its eigenvalues
-        ``h_i - top`` are all <= 0, the smallest ``h_i`` the largest in magnitude). The Rayleigh
-        quotient never overshoots, so the result is >= the true smallest eigenvalue: a negative
-        value is a real direction of negative curvature (a saddle), not an artefact."""
+    def bottom_eigenvalue(self, top: float, iters: int, generator: torch.Generator, z: float = 2.0) -> tuple[float, float]:
+        """Smallest eigenvalue of ``H`` and the part of it that is not batch noise.
+
+        Power iteration on ``H - top * I`` (its eigenvalues ``h_i - top`` are all <= 0; the smallest
+        ``h_i`` is the largest in magnitude) gives ``h_min`` and its vector ``v``. On noisy data the
+        Hessian of a few batches has negative directions that the full loss at its minimum does not
+        have; so the curvature along ``v`` is also taken on each batch, and the returned bound is
+        ``min(0, h_min + z * se)`` with ``se`` the standard error of those per-batch values: a
+        negative bound is a saddle direction beyond the batch-to-batch noise.
+        """
         if top <= 0:
-            return 0.0
-        return top - self.top_eigenvalue(iters, generator, shift=top)
+            return 0.0, 0.0
+        q, v = self._power(iters, generator, top)
+        h_min = top + q
+        if not v or h_min >= 0:
+            return h_min, 0.0
+        per_batch = []
+        for batch in self.batches:
+            w0, pairs = self._hessian([batch])
+            hv = self._hvp(w0, pairs, v) if pairs else {}
+            per_batch.append(float(sum((hv[n] * v[n]).sum() for n in hv)))
+        k = len(per_batch)
+        se = 0.0 if k < 2 else float(torch.tensor(per_batch, dtype=torch.float64).std()) / math.sqrt(k)
+        return h_min, min(0.0, h_min + z * se)
 
     def mala(
         self, lrs: Sequence[float], nbeta: float, localization: float, steps: int, generator: torch.Generator
@@ -414,7 +441,7 @@ class _Context:
     #: how many more times the burn-in may be doubled
     burnin_extensions: int = 0
     #: the relaxation rule: burn-in >= relaxation_efolds / (lr * (localization + softest)), at most
-    #: max_burnin; softest = nbeta * min(smallest Hessian eigenvalue, 0) (negative at a saddle)
+    #: max_burnin; softest = nbeta * (the negative curvature beyond batch noise; 0 at a minimum)
     relaxation_efolds: float = RELAXATION_EFOLDS
     max_burnin: int = MAX_BURNIN_STEPS
     softest: float = 0.0
@@ -563,7 +590,7 @@ def _too_slow(ctx: _Context, attempt: _Attempt, i: int) -> str:
     if ctx.softest < 0:
         attempt.unheld = True
     return (f"its slowest directions need {need:.4g} burn-in steps ({ctx.relaxation_efolds:g} / (lr * (localization "
-            f"{attempt.localization:.4g} + nbeta * min(h_min, 0) {ctx.softest:.4g}))) > max_burnin_steps {ctx.max_burnin}")
+            f"{attempt.localization:.4g} + negative curvature {ctx.softest:.4g}))) > max_burnin_steps {ctx.max_burnin}")
 
 
 def _estimate(ctx: _Context, attempt: _Attempt, i: int) -> LLCResult:
@@ -770,11 +797,11 @@ def calibrate_llc(
         curvature = probe.top_eigenvalue(20, generator)
         # a saddle's negative curvature slows (or undoes) the localization's pull: the relaxation
         # rule must see it
-        bottom = probe.bottom_eigenvalue(curvature, 20, generator)
+        bottom, held_against = probe.bottom_eigenvalue(curvature, 20, generator)
         ctx = _Context(model, loss_fn, loader, restrict, layout.replace(nbeta=nbeta), seed, device, dtype,
                        progress, probe, generator, burnin_extensions=max_burnin_extensions,
                        relaxation_efolds=relaxation_efolds, max_burnin=max_burnin_steps,
-                       softest=nbeta * min(bottom, 0.0))
+                       softest=nbeta * held_against)
         loc = fixed_localization if fixed_localization is not None else _choose_localization(curvature, nbeta)
         attempts: list[_Attempt] = []
         for boost in range(max_localization_boosts + 1):
