@@ -715,8 +715,8 @@ def calibrate_llc(
     num_steps_bw_draws: int | None = None,
     settings: SGLDSettings | None = None,
     restrict: Restriction = None,
-    rel_tol: float = 0.1,
-    z: float = 2.0,
+    rel_tol: float = 0.05,
+    z: float = 1.0,
     num_lrs: int = 10,
     probe_steps: int = 50,
     max_estimates: int = 6,
@@ -752,7 +752,9 @@ def calibrate_llc(
             keyword arguments that are not None override its fields.
         rel_tol, z: the bias check compares ``lr`` with ``lr/2``: they agree when
             ``|llc(lr) - llc(lr/2)| <= z * stderr + rel_tol * |llc(lr/2)|``, and then ``lr/2`` is
-            chosen (its bias is about the gap).
+            chosen (its bias is about the gap, so this bounds it by about one standard error plus
+            5% by default). A false disagreement only costs one more halving: every trial is
+            relaxed, so a smaller step is not read low for having moved less (docs/calibration.md).
         probe_steps: length of the MALA-acceptance probe trajectory (one fixed batch).
         max_estimates: at most this many trial estimates are run (per localization tried).
         max_localization_boosts: when the localization was chosen automatically and no lr passed
