@@ -177,7 +177,7 @@ def test_given_nbeta_and_localization_are_kept() -> None:
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_too_large_steps_are_rejected_with_a_reason() -> None:
     model, loader = regression()
-    cal = calibrate_llc(model, half_sse, loader, lrs=[1.0, 0.3, 1e-2, 5e-3], **TINY)
+    cal = calibrate_llc(model, half_sse, loader, lrs=[1.0, 0.3, 1e-2, 5e-3], relaxation_efolds=0.0, **TINY)
     big = {t.lr: t for t in cal.trials}
     assert "MALA acceptance" in big[1.0].rejected and big[1.0].estimate is None
     assert "MALA acceptance" in big[0.3].rejected
@@ -329,8 +329,9 @@ def test_burnin_is_doubled_when_a_trial_only_lacks_mixing() -> None:
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_deterministic_for_a_seed() -> None:
     model, loader = regression()
-    a = calibrate_llc(model, half_sse, loader, seed=5, lrs=[1e-2, 5e-3], **TINY)
-    b = calibrate_llc(model, half_sse, loader, seed=5, lrs=[1e-2, 5e-3], **TINY)
+    kwargs = dict(seed=5, lrs=[1e-2, 5e-3], relaxation_efolds=0.0, **TINY)  # short trials: the rule off
+    a = calibrate_llc(model, half_sse, loader, **kwargs)
+    b = calibrate_llc(model, half_sse, loader, **kwargs)
     assert a.lr == b.lr and a.estimate.mean == b.estimate.mean
     assert [t.acceptance for t in a.trials] == [t.acceptance for t in b.trials]
 
