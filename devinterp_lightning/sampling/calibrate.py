@@ -453,10 +453,14 @@ class _Context:
             return 0.0
         return _relaxation_steps(lr, localization + self.softest)
 
+    def _span(self, lr: float, localization: float) -> float:
+        """``relaxation_efolds`` relaxation times (0 when the rule is off, even for an infinite time)."""
+        return 0.0 if self.relaxation_efolds == 0 else self.relaxation_efolds * self.relaxation(lr, localization)
+
     def burnin_for(self, lr: float, localization: float) -> float:
         """The burn-in of a trial at ``lr``: the layout's, raised to ``relaxation_efolds`` times
         :meth:`relaxation` (inf when the localization does not outweigh a negative curvature)."""
-        relax = self.relaxation_efolds * self.relaxation(lr, localization)
+        relax = self._span(lr, localization)
         return max(self.layout.num_burnin_steps, math.ceil(relax) if math.isfinite(relax) else math.inf)
 
     def layout_for(self, lr: float, localization: float) -> SGLDSettings:
@@ -465,7 +469,7 @@ class _Context:
         averages over the flat directions instead of taking one snapshot of them."""
         layout = self.layout.replace(lr=lr, localization=localization,
                                      num_burnin_steps=int(min(self.burnin_for(lr, localization), self.max_burnin)))
-        span = min(self.relaxation_efolds * self.relaxation(lr, localization), self.max_burnin)
+        span = min(self._span(lr, localization), self.max_burnin)
         if layout.num_draws < 2 or span <= 1:
             return layout
         thin = math.ceil((span - 1) / (layout.num_draws - 1))
