@@ -13,7 +13,9 @@ The scheme (docs/calibration.md has the reasoning and the validation):
 4. A log-spaced ``lr`` grid from the stability limit down. A cheap vectorized probe on one fixed
    batch runs an SGLD trajectory per grid value and scores it with the Metropolis-adjusted
    (MALA) acceptance probability of each of its steps; values with low acceptance are skipped.
-5. From the largest surviving ``lr`` down, full short estimates are run. When the estimate at
+5. From the largest surviving ``lr`` down, full short estimates are run, each with a burn-in of at
+   least ``RELAXATION_EFOLDS / (lr * localization)`` steps: the relaxation time of the flat
+   directions, which only the localization holds. When the estimate at
    ``lr`` is healthy (no flag of :func:`~devinterp_lightning.sampling.result.health_flags`) and
    agrees with the healthy estimate at ``lr / 2`` (the bias check), ``lr / 2`` is chosen: the SGLD
    bias grows about linearly in ``lr``, so the gap between the two measures the bias left at
@@ -64,9 +66,6 @@ __all__ = ["calibrate_llc", "CalibrationResult", "Trial"]
 LOCALIZATION_FRACTION = 0.01
 #: MALA acceptance below this marks an lr as too large without running an estimate.
 MIN_ACCEPTANCE = 0.9
-#: When lr/2 cannot be checked because it does not mix within the burn-in, a healthy lr whose MALA
-#: acceptance is at least this is accepted without the bias check.
-ACCEPTANCE_WITHOUT_BIAS_CHECK = 0.95
 #: Flags that mean "not mixed within the layout" (a smaller lr only makes them worse) and flags
 #: that a smaller lr can cure.
 _MIXING_FLAGS = frozenset({"drifting", "high_rhat"})
@@ -75,6 +74,17 @@ _STEP_FLAGS = frozenset({"diverged", "all_diverged", "minibatch_noise"})
 _NOT_A_MINIMUM_FLAGS = frozenset({"negative", "below_init"})
 #: factor by which an automatically chosen localization is raised when the chains slide off w*
 LOCALIZATION_BOOST = 10.0
+#: The burn-in of every trial, and of the recommendation, is at least ``RELAXATION_EFOLDS / (lr *
+#: localization)`` steps. In a direction the loss leaves flat only the localization pulls, and from
+#: w* the variance of the update ``w <- w - lr/2 * localization * (w - w*) + sqrt(lr) N`` grows as
+#: ``(1 - exp(-lr * localization * t)) / localization``: two e-folds reach 86% of it. Every other
+#: direction relaxes faster (its rate has ``nbeta * h_i`` added). Measured on the deep linear
+#: networks of the suite (docs/calibration.md): the estimate is 5-20% low over the first
+#: ``0.5 / (lr * localization)`` steps and levels off by about one e-fold.
+RELAXATION_EFOLDS = 2.0
+#: No trial runs a longer burn-in than this by default (``max_burnin_steps``): a step whose flat
+#: directions need more cannot be checked at a cost comparable to an estimate.
+MAX_BURNIN_STEPS = 10_000
 #: Consecutive grid values differ by this factor (the bias check compares lr with lr / LR_FACTOR).
 LR_FACTOR = 2.0
 #: The trial layout when neither keywords nor ``settings=`` give one.
@@ -94,6 +104,7 @@ class Trial:
         distance: RMS distance from ``w*`` per moving entry at the end of the probe trajectory,
             relative to the localization's own scale ``1/sqrt(localization)`` (~1 when local).
         estimate: the short LLC estimate at this lr, or None when the probe already rejected it.
+        burnin: the burn-in steps of that estimate (None when none was run).
         rejected: why this lr was not chosen ("" for the chosen one, "not reached" when the search
             stopped before it).
     """
@@ -103,6 +114,7 @@ class Trial:
     distance: float
     estimate: LLCResult | None = None
     rejected: str = ""
+    burnin: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         est = self.estimate
@@ -113,6 +125,7 @@ class Trial:
             "llc": None if est is None else est.mean,
             "stderr": None if est is None else est.stderr,
             "flags": None if est is None else list(est.flags),
+            "burnin": self.burnin,
             "rejected": self.rejected,
         }
 
@@ -127,14 +140,20 @@ class CalibrationResult:
     Attributes:
         lr, localization, nbeta: the recommendation.
         num_draws, num_burnin_steps, num_steps_bw_draws: the chain layout the recommendation was
-            checked with: the caller's, with the burn-in doubled where the smaller step needed it
-            to level off (``max_burnin_extensions``).
+            checked with: the caller's, with the burn-in raised to ``relaxation_efolds *
+            relaxation_steps`` (the relaxation rule) and doubled where the trial still needed it to
+            level off (``max_burnin_extensions``).
         ok: True when an lr passed every check: it is healthy and its estimate agrees with the one
-            at twice its lr (or, where its half cannot mix within the burn-in, its MALA acceptance
-            is at least ``ACCEPTANCE_WITHOUT_BIAS_CHECK``). False means the fallback (the
+            at twice its lr, both with their relaxation burn-in. False means the fallback (the
             healthiest trial) was returned and a warning was issued, with the reason in ``reason``.
         reason: one line saying why this lr was chosen.
         curvature: top eigenvalue of the Hessian of the batch loss at w* (power iteration).
+        relaxation_steps: ``1 / (lr * (localization + nbeta * c))``, the e-folding time in steps of the
+            variance of the slowest direction: one the loss leaves flat (only the localization holds
+            it; ``c = 0``) or, at a saddle, one of negative curvature ``c < 0`` (``min_curvature``
+            where it is negative beyond the batch-to-batch noise); inf without a localization, or
+            when the localization does not outweigh the negative curvature.
+        min_curvature: smallest eigenvalue of that Hessian (power iteration on ``H - curvature * I``).
         trials: every lr considered, largest first, with its measurements and rejection reason.
         estimate: the estimate at the chosen lr (a by-product: no need to estimate again).
         num_steps: SGLD steps per chain spent by the calibration (probe and estimates).
@@ -158,6 +177,8 @@ class CalibrationResult:
     seconds: float = 0.0
     batch_streams: str = "shared"
     batch_order: str = "loader"
+    relaxation_steps: float = math.inf
+    min_curvature: float = 0.0
 
     def as_kwargs(self) -> dict[str, Any]:
         """``{lr, localization, nbeta, num_draws, num_burnin_steps, num_steps_bw_draws, batch_streams,
@@ -192,6 +213,8 @@ class CalibrationResult:
             "ok": self.ok,
             "reason": self.reason,
             "curvature": self.curvature,
+            "relaxation_steps": self.relaxation_steps,
+            "min_curvature": self.min_curvature,
             "num_steps": self.num_steps,
             "seconds": self.seconds,
             "trials": [t.to_dict() for t in self.trials],
@@ -202,13 +225,17 @@ class CalibrationResult:
         lines = [
             f"calibrate_llc: lr={self.lr:.3g} localization={self.localization:.3g} nbeta={self.nbeta:.4g} "
             f"({'ok' if self.ok else 'FALLBACK'}: {self.reason}); top Hessian eigenvalue {self.curvature:.3g}",
-            f"{'lr':>10} {'accept':>7} {'dist':>6} {'llc':>10} {'stderr':>8}  verdict",
+            f"burn-in {self.num_burnin_steps} steps, {self.num_steps_bw_draws} between draws; relaxation time "
+            f"{self.relaxation_steps:.4g} steps (smallest Hessian eigenvalue {self.min_curvature:.3g})",
+            f"{'lr':>10} {'accept':>7} {'dist':>6} {'burn-in':>7} {'llc':>10} {'stderr':>8}  verdict",
         ]
         for t in self.trials:
             llc = "-" if t.estimate is None else f"{t.estimate.mean:.4g}"
             se = "-" if t.estimate is None else f"{t.estimate.stderr:.3g}"
+            burnin = "-" if t.burnin is None else str(t.burnin)
             lines.append(
-                f"{t.lr:>10.3g} {t.acceptance:>7.3f} {t.distance:>6.2f} {llc:>10} {se:>8}  {t.rejected or 'CHOSEN'}"
+                f"{t.lr:>10.3g} {t.acceptance:>7.3f} {t.distance:>6.2f} {burnin:>7} {llc:>10} {se:>8}  "
+                f"{t.rejected or 'CHOSEN'}"
             )
         return "\n".join(lines)
 
@@ -234,35 +261,72 @@ class _Probe:
         tensors.update({"model." + n: t for n, t in moving.items()})
         return functional_call(self.module, tensors, (batch,)).reshape(())
 
+    def _hessian(self, batches: list[Any]) -> tuple[dict[str, Tensor], list[tuple[str, Tensor]]]:
+        """``w*`` as leaves and the gradient of the mean loss over ``batches`` with its graph kept."""
+        w0 = {n: self.anchor[n].detach().clone().requires_grad_(True) for n in self.masks}
+        with torch.enable_grad():
+            loss = sum(self.loss(w0, b) for b in batches) / len(batches)
+            grads = torch.autograd.grad(loss, list(w0.values()), create_graph=True, allow_unused=True)
+        return w0, [(n, g) for n, g in zip(w0, grads, strict=True) if g is not None and g.requires_grad]
+
+    def _hvp(self, w0: dict[str, Tensor], pairs: list[tuple[str, Tensor]], v: dict[str, Tensor]) -> dict[str, Tensor]:
+        with torch.enable_grad():
+            dot = sum((g * v[n]).sum() for n, g in pairs)
+            hv = torch.autograd.grad(dot, [w0[n] for n, _ in pairs], retain_graph=True, allow_unused=True)
+        return {n: (torch.zeros_like(v[n]) if h is None else h.detach() * self.masks[n])
+                for (n, _), h in zip(pairs, hv, strict=True)}
+
+    def _power(self, iters: int, generator: torch.Generator, shift: float) -> tuple[float, dict[str, Tensor]]:
+        """Power iteration on ``H - shift * I``: the Rayleigh quotient of the dominant eigenvalue (signed)
+        and its unit vector (empty when the loss is at most linear in the moving weights)."""
+        w0, pairs = self._hessian(self.batches)
+        if not pairs:
+            return 0.0, {}
+        v = {n: torch.randn(w0[n].shape, generator=generator, device=w0[n].device, dtype=w0[n].dtype)
+             * self.masks[n] for n, _ in pairs}
+        eig, unit = 0.0, v
+        for _ in range(iters):
+            norm = math.sqrt(sum(float((x * x).sum()) for x in v.values()))
+            if norm == 0.0 or not math.isfinite(norm):
+                break
+            unit = {n: x / norm for n, x in v.items()}
+            hv = {n: h - shift * unit[n] for n, h in self._hvp(w0, pairs, unit).items()}
+            eig = float(sum((hv[n] * unit[n]).sum() for n in unit))
+            v = hv
+        return eig, unit
+
     def top_eigenvalue(self, iters: int, generator: torch.Generator) -> float:
-        """Largest |eigenvalue| of the Hessian of the mean loss over the fixed batches at w*.
+        """Largest |eigenvalue| of the Hessian ``H`` of the mean loss over the fixed batches at w*.
 
         Power iteration with Hessian-vector products by double backward (plain autograd: forward
         mode would pull in torch's decomposition tables, seconds of import time).
         """
-        w0 = {n: self.anchor[n].detach().clone().requires_grad_(True) for n in self.masks}
-        with torch.enable_grad():
-            loss = sum(self.loss(w0, b) for b in self.batches) / len(self.batches)
-            grads = torch.autograd.grad(loss, list(w0.values()), create_graph=True, allow_unused=True)
-        pairs = [(n, g) for n, g in zip(w0, grads, strict=True) if g is not None and g.requires_grad]
-        if not pairs:
-            return 0.0  # the loss is at most linear in the moving weights here
-        v = {n: torch.randn(w0[n].shape, generator=generator, device=w0[n].device, dtype=w0[n].dtype)
-             * self.masks[n] for n, _ in pairs}
-        eig = 0.0
-        for _ in range(iters):
-            norm = math.sqrt(sum(float((x * x).sum()) for x in v.values()))
-            if norm == 0.0 or not math.isfinite(norm):
-                return abs(eig)
-            v = {n: x / norm for n, x in v.items()}
-            with torch.enable_grad():
-                dot = sum((g * v[n]).sum() for n, g in pairs)
-                hv = torch.autograd.grad(dot, [w0[n] for n, _ in pairs], retain_graph=True, allow_unused=True)
-            hv_d = {n: (torch.zeros_like(v[n]) if h is None else h.detach() * self.masks[n])
-                    for (n, _), h in zip(pairs, hv, strict=True)}
-            eig = float(sum((hv_d[n] * v[n]).sum() for n in v))
-            v = hv_d
-        return abs(eig)
+        return abs(self._power(iters, generator, 0.0)[0])
+
+    def bottom_eigenvalue(self, top: float, iters: int, generator: torch.Generator, z: float = 2.0) -> tuple[float, float]:
+        """Smallest eigenvalue of ``H`` and the part of it that is not batch noise.
+
+        Power iteration on ``H - top * I`` (its eigenvalues ``h_i - top`` are all <= 0; the smallest
+        ``h_i`` is the largest in magnitude) gives ``h_min`` and its vector ``v``. On noisy data the
+        Hessian of a few batches has negative directions that the full loss at its minimum does not
+        have; so the curvature along ``v`` is also taken on each batch, and the returned bound is
+        ``min(0, h_min + z * se)`` with ``se`` the standard error of those per-batch values: a
+        negative bound is a saddle direction beyond the batch-to-batch noise.
+        """
+        if top <= 0:
+            return 0.0, 0.0
+        q, v = self._power(iters, generator, top)
+        h_min = top + q
+        if not v or h_min >= 0:
+            return h_min, 0.0
+        per_batch = []
+        for batch in self.batches:
+            w0, pairs = self._hessian([batch])
+            hv = self._hvp(w0, pairs, v) if pairs else {}
+            per_batch.append(float(sum((hv[n] * v[n]).sum() for n in hv)))
+        k = len(per_batch)
+        se = 0.0 if k < 2 else float(torch.tensor(per_batch, dtype=torch.float64).std()) / math.sqrt(k)
+        return h_min, min(0.0, h_min + z * se)
 
     def mala(
         self, lrs: Sequence[float], nbeta: float, localization: float, steps: int, generator: torch.Generator
@@ -376,6 +440,40 @@ class _Context:
     generator: torch.Generator
     #: how many more times the burn-in may be doubled
     burnin_extensions: int = 0
+    #: the relaxation rule: burn-in >= relaxation_efolds / (lr * (localization + softest)), at most
+    #: max_burnin; softest = nbeta * (the negative curvature beyond batch noise; 0 at a minimum)
+    relaxation_efolds: float = RELAXATION_EFOLDS
+    max_burnin: int = MAX_BURNIN_STEPS
+    softest: float = 0.0
+
+    def relaxation(self, lr: float, localization: float) -> float:
+        """Steps per e-fold of the slowest direction: ``1 / (lr * (localization + softest))``; 0 without
+        a localization (no scale to relax to: the rule is off)."""
+        if localization <= 0:
+            return 0.0
+        return _relaxation_steps(lr, localization + self.softest)
+
+    def _span(self, lr: float, localization: float) -> float:
+        """``relaxation_efolds`` relaxation times (0 when the rule is off, even for an infinite time)."""
+        return 0.0 if self.relaxation_efolds == 0 else self.relaxation_efolds * self.relaxation(lr, localization)
+
+    def burnin_for(self, lr: float, localization: float) -> float:
+        """The burn-in of a trial at ``lr``: the layout's, raised to ``relaxation_efolds`` times
+        :meth:`relaxation` (inf when the localization does not outweigh a negative curvature)."""
+        relax = self._span(lr, localization)
+        return max(self.layout.num_burnin_steps, math.ceil(relax) if math.isfinite(relax) else math.inf)
+
+    def layout_for(self, lr: float, localization: float) -> SGLDSettings:
+        """The layout of a trial at ``lr``: :meth:`burnin_for`, and draws spread (``num_steps_bw_draws``
+        raised) over at least ``relaxation_efolds`` relaxation times, so that a chain's mean
+        averages over the flat directions instead of taking one snapshot of them."""
+        layout = self.layout.replace(lr=lr, localization=localization,
+                                     num_burnin_steps=int(min(self.burnin_for(lr, localization), self.max_burnin)))
+        span = min(self._span(lr, localization), self.max_burnin)
+        if layout.num_draws < 2 or span <= 1:
+            return layout
+        thin = math.ceil((span - 1) / (layout.num_draws - 1))
+        return layout.replace(num_steps_bw_draws=max(layout.num_steps_bw_draws, thin))
 
 
 @dataclass
@@ -395,11 +493,18 @@ class _Attempt:
     steps: int = 0
     #: lr index -> why its burn-in was extended
     extended: dict[int, str] = field(default_factory=dict)
+    #: lr index -> the layout its (last) trial estimate ran with
+    layouts: dict[int, SGLDSettings] = field(default_factory=dict)
+
+    #: True when a trial could not run because the localization barely (or does not) outweigh a
+    #: negative curvature: the chains would slide off w* along it
+    unheld: bool = False
 
     @property
     def slid_off(self) -> bool:
-        """True when some trial says w* is not a minimum of the sampled loss (a slope or a saddle)."""
-        return any(set(r.flags) & _NOT_A_MINIMUM_FLAGS for r in self.estimates.values())
+        """True when some trial says w* is not a minimum of the sampled loss (a slope or a saddle), or
+        could not run because the localization does not hold a direction of negative curvature."""
+        return self.unheld or any(set(r.flags) & _NOT_A_MINIMUM_FLAGS for r in self.estimates.values())
 
     def trials(self, prefix: str = "", chosen: int | None = None) -> tuple[Trial, ...]:
         out = []
@@ -407,7 +512,8 @@ class _Attempt:
             reason = "" if k == chosen else prefix + self.reasons.get(k, "not reached")
             if k in self.extended and k != chosen:
                 reason += f"; burn-in extended after {self.extended[k]} burn-in steps"
-            out.append(Trial(lr, float(self.acceptance[k]), float(self.distance[k]), self.estimates.get(k), reason))
+            out.append(Trial(lr, float(self.acceptance[k]), float(self.distance[k]), self.estimates.get(k), reason,
+                             self.layouts[k].num_burnin_steps if k in self.layouts else None))
         return tuple(out)
 
 
@@ -474,18 +580,38 @@ def _first_to_estimate(attempt: _Attempt) -> int:
     return first
 
 
+def _relaxation_steps(lr: float, pull: float) -> float:
+    """``1 / (lr * pull)``: e-folding time in steps of the variance of a direction held by ``pull``
+    (the localization plus ``nbeta`` times the direction's curvature); inf when nothing holds it."""
+    return math.inf if pull <= 0 else 1.0 / (lr * pull)
+
+
+def _too_slow(ctx: _Context, attempt: _Attempt, i: int) -> str:
+    """Why the trial at ``lrs[i]`` cannot be run ("" when it can): its relaxation burn-in exceeds the cap."""
+    need = ctx.burnin_for(attempt.lrs[i], attempt.localization)
+    if need <= ctx.max_burnin:
+        return ""
+    if ctx.softest < 0:
+        attempt.unheld = True
+    return (f"its slowest directions need {need:.4g} burn-in steps ({ctx.relaxation_efolds:g} / (lr * (localization "
+            f"{attempt.localization:.4g} + negative curvature {ctx.softest:.4g}))) > max_burnin_steps {ctx.max_burnin}")
+
+
 def _estimate(ctx: _Context, attempt: _Attempt, i: int) -> LLCResult:
-    """The trial estimate at ``attempt.lrs[i]`` with the current layout (every trial shares the seed)."""
+    """The trial estimate at ``attempt.lrs[i]`` with the current layout and the burn-in of
+    :meth:`_Context.burnin_for` (every trial shares the seed)."""
     if i not in attempt.estimates:
+        lr = attempt.lrs[i]
+        layout = ctx.layout_for(lr, attempt.localization)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # divergence is evidence here, not news
             attempt.estimates[i] = estimate_llc(
-                ctx.model, ctx.loss_fn, ctx.loader,
-                settings=ctx.layout.replace(lr=attempt.lrs[i], localization=attempt.localization),
+                ctx.model, ctx.loss_fn, ctx.loader, settings=layout,
                 restrict=ctx.restrict, seed=ctx.seed, device=ctx.device, dtype=ctx.dtype, progress=ctx.progress,
             )
         attempt.runs += 1
-        attempt.steps += ctx.layout.total_steps
+        attempt.steps += layout.total_steps
+        attempt.layouts[i] = layout
     return attempt.estimates[i]
 
 
@@ -496,9 +622,12 @@ def _extend_burnin(ctx: _Context, attempt: _Attempt, i: int, max_estimates: int)
     res = attempt.estimates[i]
     while (res.flags and set(res.flags) <= _MIXING_FLAGS and ctx.burnin_extensions > 0
            and attempt.runs < max_estimates):
+        used = attempt.layouts[i].num_burnin_steps
+        burnin = max(2 * used, attempt.layouts[i].total_steps)
+        if burnin > ctx.max_burnin:
+            break
         ctx.burnin_extensions -= 1
-        burnin = max(2 * ctx.layout.num_burnin_steps, ctx.layout.total_steps)
-        note = f"{', '.join(res.flags)} with {ctx.layout.num_burnin_steps}"
+        note = f"{', '.join(res.flags)} with {used}"
         attempt.extended[i] = attempt.extended[i] + "; " + note if i in attempt.extended else note
         ctx.layout = ctx.layout.replace(num_burnin_steps=burnin)
         del attempt.estimates[i]
@@ -511,41 +640,46 @@ def _search_lr(ctx: _Context, attempt: _Attempt, rel_tol: float, z: float, max_e
 
     At each healthy ``lr`` the estimate at ``lr/2`` is the bias check; when they agree, ``lr/2`` is
     chosen: the gap estimates the bias left at ``lr/2`` and the tolerance bounds it. The larger
-    step would carry about twice that bias.
+    step would carry about twice that bias. Each trial runs with its own relaxation burn-in
+    (:meth:`_Context.burnin_for`), so the pair is compared at equal relaxation, not at equal step
+    counts (where the smaller step would read low for having relaxed less). Without a passed bias
+    check nothing is chosen: the result is the fallback, not ok.
     """
     reasons = attempt.reasons
     n = len(attempt.lrs)
     i = _first_to_estimate(attempt)
     while i < n and attempt.runs < max_estimates:
+        slow = _too_slow(ctx, attempt, i)
+        if slow:
+            reasons[i] = slow
+            return  # smaller steps relax more slowly still
         _estimate(ctx, attempt, i)
         res = _extend_burnin(ctx, attempt, i, max_estimates)
         if res.flags:
             reasons[i] = "flags: " + ", ".join(res.flags)
             if not set(res.flags) & _STEP_FLAGS:
-                # not mixed: a smaller lr moves even less within the same burn-in; negative or
-                # below the initial loss: w* is not a minimum, and no lr changes that
+                # not mixed after its relaxation burn-in: a smaller lr covers even less of the flat
+                # directions within the same draws; negative or below the initial loss: w* is not
+                # a minimum, and no lr changes that
                 return
             i += 1
             continue
         if i + 1 >= n or attempt.runs >= max_estimates:
             reasons[i] = f"no lr/{LR_FACTOR:g} left for the bias check"
             return
+        slow = _too_slow(ctx, attempt, i + 1)
+        if slow:
+            reasons[i + 1] = slow
+            reasons[i] = f"no bias check possible: lr/{LR_FACTOR:g} cannot relax within max_burnin_steps"
+            return
         _estimate(ctx, attempt, i + 1)
         half = _extend_burnin(ctx, attempt, i + 1, max_estimates)
         if half.flags:
             stalled = set(half.flags) <= _MIXING_FLAGS
             reasons[i + 1] = "flags: " + ", ".join(half.flags)
-            if stalled and float(attempt.acceptance[i]) >= ACCEPTANCE_WITHOUT_BIAS_CHECK:
-                attempt.chosen = i
-                attempt.why = (
-                    f"healthy; lr/{LR_FACTOR:g} does not mix within the burn-in ({', '.join(half.flags)}), "
-                    f"so the bias check is replaced by the MALA acceptance {float(attempt.acceptance[i]):.3f} >= "
-                    f"{ACCEPTANCE_WITHOUT_BIAS_CHECK} (discretization only: minibatch-noise bias unchecked)"
-                )
-                return
             reasons[i] = f"lr/{LR_FACTOR:g} is flagged ({', '.join(half.flags)}): no bias check possible"
             if stalled:
-                return  # smaller lrs mix even less
+                return  # smaller lrs mix even less within the draws
             i += 2
             continue
         agree, verdict = _agree(res, half, rel_tol, z)
@@ -585,13 +719,15 @@ def calibrate_llc(
     num_steps_bw_draws: int | None = None,
     settings: SGLDSettings | None = None,
     restrict: Restriction = None,
-    rel_tol: float = 0.1,
-    z: float = 2.0,
+    rel_tol: float = 0.05,
+    z: float = 1.0,
     num_lrs: int = 10,
     probe_steps: int = 50,
     max_estimates: int = 6,
     max_localization_boosts: int = 2,
     max_burnin_extensions: int = 2,
+    relaxation_efolds: float = RELAXATION_EFOLDS,
+    max_burnin_steps: int = MAX_BURNIN_STEPS,
     seed: int = 0,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = torch.float32,
@@ -620,7 +756,9 @@ def calibrate_llc(
             keyword arguments that are not None override its fields.
         rel_tol, z: the bias check compares ``lr`` with ``lr/2``: they agree when
             ``|llc(lr) - llc(lr/2)| <= z * stderr + rel_tol * |llc(lr/2)|``, and then ``lr/2`` is
-            chosen (its bias is about the gap).
+            chosen (its bias is about the gap, so this bounds it by about one standard error plus
+            5% by default). A false disagreement only costs one more halving: every trial is
+            relaxed, so a smaller step is not read low for having moved less (docs/calibration.md).
         probe_steps: length of the MALA-acceptance probe trajectory (one fixed batch).
         max_estimates: at most this many trial estimates are run (per localization tried).
         max_localization_boosts: when the localization was chosen automatically and no lr passed
@@ -631,6 +769,11 @@ def calibrate_llc(
         max_burnin_extensions: when a trial estimate is flagged only for mixing (``drifting`` /
             ``high_rhat``) the burn-in is doubled and it is run again, at most this many times in
             all; the recommendation then carries the longer burn-in.
+        relaxation_efolds, max_burnin_steps: every trial's burn-in is at least ``relaxation_efolds /
+            (lr * localization)`` steps, the relaxation time of the directions only the
+            localization holds (none when ``localization`` is 0), and the recommendation carries
+            the chosen trial's burn-in. A step that would need more than ``max_burnin_steps`` is
+            not run; when that leaves ``lr/2`` of a healthy ``lr`` unchecked the result is not ok.
         seed: every trial uses this seed (common random numbers make the bias check sharper).
         progress: optional ``progress(done, total)`` in trial estimates.
 
@@ -648,12 +791,23 @@ def calibrate_llc(
         raise ValueError(f"lrs must be a non-empty list of positive step sizes; got {lrs!r}")
     if max_burnin_extensions < 0 or max_localization_boosts < 0:
         raise ValueError("max_burnin_extensions and max_localization_boosts must be >= 0")
+    if not (relaxation_efolds >= 0 and math.isfinite(relaxation_efolds)):
+        raise ValueError(f"relaxation_efolds must be a finite number >= 0, e.g. {RELAXATION_EFOLDS}; "
+                         f"got {relaxation_efolds}")
+    if max_burnin_steps < layout.num_burnin_steps:
+        raise ValueError(f"max_burnin_steps ({max_burnin_steps}) is below the layout's num_burnin_steps "
+                         f"({layout.num_burnin_steps}); raise it or shorten the burn-in")
 
     with preserved_modes(model, eval_mode=True):
         probe, nbeta, generator = _prepare(model, loss_fn, loader, layout.nbeta, restrict, seed, device, dtype)
         curvature = probe.top_eigenvalue(20, generator)
+        # a saddle's negative curvature slows (or undoes) the localization's pull: the relaxation
+        # rule must see it
+        bottom, held_against = probe.bottom_eigenvalue(curvature, 20, generator)
         ctx = _Context(model, loss_fn, loader, restrict, layout.replace(nbeta=nbeta), seed, device, dtype,
-                       progress, probe, generator, burnin_extensions=max_burnin_extensions)
+                       progress, probe, generator, burnin_extensions=max_burnin_extensions,
+                       relaxation_efolds=relaxation_efolds, max_burnin=max_burnin_steps,
+                       softest=nbeta * held_against)
         loc = fixed_localization if fixed_localization is not None else _choose_localization(curvature, nbeta)
         attempts: list[_Attempt] = []
         for boost in range(max_localization_boosts + 1):
@@ -666,7 +820,7 @@ def calibrate_llc(
                 # w* is not a minimum along some direction: a stronger localization holds the chains
                 # at w*, which is what a local coefficient at a saddle or on a slope can measure
                 loc *= LOCALIZATION_BOOST
-    return _decide(ctx, attempts, curvature, probe_steps, start)
+    return _decide(ctx, attempts, curvature, bottom, probe_steps, start)
 
 
 def _layout(
@@ -696,7 +850,7 @@ def _screened_attempt(
 
 
 def _decide(
-    ctx: _Context, attempts: list[_Attempt], curvature: float, probe_steps: int, start: float
+    ctx: _Context, attempts: list[_Attempt], curvature: float, bottom: float, probe_steps: int, start: float
 ) -> CalibrationResult:
     """The chosen lr of the last attempt (or its fallback, with a warning) and all the evidence."""
     last = attempts[-1]
@@ -718,15 +872,17 @@ def _decide(
     for attempt in attempts[:-1]:
         trials += attempt.trials(prefix=f"localization {attempt.localization:.4g}: ")
     trials += last.trials(chosen=chosen)
-    layout = ctx.layout
+    layout = last.layouts.get(chosen, ctx.layout_for(last.lrs[chosen], last.localization))
     # chain-steps spent: the probe lanes and HVPs, then every trial estimate
-    spent = sum(probe_steps * len(a.lrs) // layout.num_chains + 60 + a.steps for a in attempts)
+    spent = sum(probe_steps * len(a.lrs) // layout.num_chains + 80 + a.steps for a in attempts)
     result = CalibrationResult(
         lr=last.lrs[chosen], localization=float(last.localization), nbeta=float(layout.nbeta),
         num_draws=layout.num_draws, num_burnin_steps=layout.num_burnin_steps,
         num_steps_bw_draws=layout.num_steps_bw_draws, ok=ok, reason=why, curvature=curvature, trials=trials,
         estimate=last.estimates.get(chosen), num_steps=spent, seconds=time.perf_counter() - start,
         batch_streams=layout.batch_streams, batch_order=layout.batch_order,
+        relaxation_steps=ctx.relaxation(last.lrs[chosen], last.localization) or math.inf,
+        min_curvature=bottom,
     )
     logger.info("%s", result.summary())
     return result
