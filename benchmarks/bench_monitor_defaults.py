@@ -83,7 +83,7 @@ def run(name: str, seed: int, max_steps: int) -> dict[str, Any]:
     }
 
 
-def run_grokking(warm: bool | int, seed: int) -> dict[str, Any]:
+def run_grokking(warm: bool | int, seed: int, max_steps: int | None = None) -> dict[str, Any]:
     """``examples/grokking.py`` with its own schedule and layout (4 x (30 + 60)), chains warm-started
     or not: the transitions its detector confirms against the LLC peak, and the SGLD steps spent."""
     import examples.grokking as grokking
@@ -99,7 +99,8 @@ def run_grokking(warm: bool | int, seed: int) -> dict[str, Any]:
     grokking.LLCMonitor = monitor_factory  # type: ignore[assignment]
     try:
         start = time.perf_counter()
-        out = grokking.main(["--quiet", "--seed", str(seed), "--logdir", f"/tmp/bench_defaults/grokking{seed}"])
+        steps = [] if max_steps is None else ["--max-steps", str(max_steps)]
+        out = grokking.main(["--quiet", "--seed", str(seed), "--logdir", f"/tmp/bench_defaults/grokking{seed}", *steps])
         wall = time.perf_counter() - start
     finally:
         grokking.LLCMonitor = original  # type: ignore[assignment]
@@ -164,7 +165,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--configs", nargs="+", default=["all"], help="indices into CONFIGS or 'all'")
-    parser.add_argument("--max-steps", type=int, default=1600)
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="training steps (default: 1600 for the DLN example, the example's own for --grokking)")
     parser.add_argument("--out", default=None, help="append JSON lines here")
     parser.add_argument("--variance", type=int, nargs="*", default=None,
                         help="instead: the spread of the estimate over --seeds at these training steps")
@@ -175,7 +177,7 @@ def main() -> None:
     if args.grokking:
         for warm in (False, True):
             for seed in args.seeds:
-                print(json.dumps(run_grokking(warm, seed)), flush=True)
+                print(json.dumps(run_grokking(warm, seed, args.max_steps)), flush=True)
         return
     if args.variance is not None:
         draws_variance(args.seeds, args.variance, warm=args.warm)
@@ -183,7 +185,7 @@ def main() -> None:
     names = list(CONFIGS) if args.configs == ["all"] else [list(CONFIGS)[int(i)] for i in args.configs]
     for name in names:
         for seed in args.seeds:
-            row = run(name, seed, args.max_steps)
+            row = run(name, seed, args.max_steps or 1600)
             print(json.dumps(row), flush=True)
             if args.out:
                 with open(args.out, "a") as f:

@@ -708,6 +708,33 @@ COMMANDS: dict[str, Entry] = {
         phase=5, timeout=600, slow=True,
         instead="python benchmarks/bench_monitor_defaults.py --seeds 0 --configs 0 --max-steps 200",
         why="five 1,600-step runs of the demo take many minutes; one 200-step run runs the same code"),
+    "python benchmarks/bench_monitor_defaults.py --variance 2000 600 --seeds 0 1 2 3 4 5 6 7 --warm": Entry(
+        phase=5, timeout=600, slow=True,
+        instead="python benchmarks/bench_monitor_defaults.py --variance 200 100 --seeds 0 1 --warm",
+        why="8 seeds x 3 layouts x 4 warm-started estimates at 2,000 steps take minutes; 2 seeds at 200 run "
+            "the same code", check=_lines_in_output("warm")),
+    "python benchmarks/bench_monitor_defaults.py --grokking --seeds 0 1 2": Entry(
+        phase=5, timeout=600, slow=True,
+        instead="python benchmarks/bench_monitor_defaults.py --grokking --seeds 0 --max-steps 100",
+        why="six full 2,000-step grokking runs take about 7 minutes; two 100-step runs run the same code",
+        check=_lines_in_output('"example": "grokking"')),
+    "python benchmarks/bench_monitor_defaults.py --seeds 0 1 2 --configs 5 6 7 8 9": Entry(
+        phase=5, timeout=600, slow=True,
+        instead="python benchmarks/bench_monitor_defaults.py --seeds 0 --configs 6 --max-steps 200",
+        why="fifteen 1,600-step runs of the demo take many minutes; one 200-step warm-started run runs the "
+            "same code"),
+    "OMP_NUM_THREADS=1 python benchmarks/bench_readme_snippet.py --repeats 2": Entry(
+        phase=5, timeout=600, slow=True,
+        instead="OMP_NUM_THREADS=1 python benchmarks/bench_readme_snippet.py --repeats 1",
+        why="one repeat runs the same code", check=_lines_in_output('"overhead":', "LLC of the last layer")),
+    "OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/make_icl_llc.py --seeds 0 1 2 -- --llc-every 20 "
+    "--num-draws 60": Entry(
+        phase=5, timeout=600, slow=True,
+        instead="OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/make_icl_llc.py --seeds 0 --out icl_short.json "
+                "-- --max-steps 40 --llc-every 20 --num-draws 5",
+        why="three 600-step runs of the example take 7-9 minutes each on 2 cores; one 40-step run, written "
+            "next to the copy instead of over the recorded series, runs the same code",
+        check=_files_written("icl_short.json")),
     # ---- the docs site
     "mkdocs serve": Entry(
         how="serve", phase=5, timeout=240, instead="mkdocs serve --dev-addr 127.0.0.1:{port}",
