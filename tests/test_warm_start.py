@@ -96,9 +96,10 @@ def test_burnin_steps_must_be_a_non_negative_int() -> None:
 # its empirical minimiser (B 256, epoch order, default nbeta). Over 8 groups of 3 sampler seeds
 # (seeds 0-23, 4 chains x 100 draws per estimate), the mean of the fifth warm-started estimate (10
 # burn-in steps each) divided by the mean of cold estimates with 1000 burn-in steps (equilibrium)
-# was 0.935 .. 1.086; cold estimates with the default 50 burn-in steps gave 0.63 .. 1.00 of it
-# (0.82 on average: short of equilibrium, but too noisy per group for a test to pin). Tolerance
-# 15% against a measured largest deviation of 8.6%. (All are far below lambda = 4.5 at these
+# was 0.876 .. 1.084 (1.023 for seeds 0-2; an estimate flagged off the posterior drops its offsets,
+# so a sequence may restart cold once); cold estimates with the default 50 burn-in steps gave
+# 0.63 .. 1.00 of it (0.82 on average: short of equilibrium, but too noisy per group for a test to
+# pin). Tolerance 15% against a measured largest deviation of 12.4%. (All are far below lambda = 4.5 at these
 # settings, where the localization dominates this small model: the test is about equilibrium.)
 @pytest.mark.slow
 def test_warm_started_estimates_reach_the_equilibrium_of_a_long_cold_burnin() -> None:
@@ -115,7 +116,7 @@ def test_warm_started_estimates_reach_the_equilibrium_of_a_long_cold_burnin() ->
         equilibrium.append(estimate(seed, 1000))
         warm = ChainOffsets(burnin_steps=10)
         warmed.append([estimate(100 * seed + k, 50, warm) for k in range(5)][-1])
-        assert warm.warm_runs == 4 and warm.cold_runs == 1
+        assert warm.warm_runs >= 3 and warm.warm_runs + warm.cold_runs == 5
     assert statistics.mean(warmed) == pytest.approx(statistics.mean(equilibrium), rel=0.15), (equilibrium, warmed)
 
 
