@@ -438,3 +438,24 @@ def test_rule_actions_queue_checkpoints_and_halts_until_cleared():
     actions.clear()
     assert actions.decide_halt() == (False, None)
     assert not RuleActions(rules[:1]).can_halt
+
+
+def test_noise_model_reaches_the_plateau_tracker_and_is_refused_elsewhere():
+    # the recorded grokking series (benchmarks/data/grokking_llc.json) separates the two noise models:
+    # the default puts the decline's onset at the LLC peak (60), the residual model at 600
+    # (tests/test_plateaus.py pins both on the tracker itself)
+    from devinterp_lightning.series import SeriesPoint
+
+    data = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "grokking_llc.json").read_text())
+    onsets = {}
+    for model in (None, "residual"):
+        detector = StageDetector(monitor="llc/mean", noise_model=model)
+        for step, value, stderr, flags in zip(data["steps"], data["values"], data["stderr"], data["flags"],
+                                              strict=True):
+            point = SeriesPoint(step=step, value=value, std=float("nan"), stderr=stderr, flags=tuple(flags))
+            for t in detector.watch.update("llc/mean", point, now=step) or []:
+                detector.watch.record(t)
+        onsets[model] = [t.changepoint_step for t in detector.transitions]
+    assert onsets == {None: [60], "residual": [600]}
+    with pytest.raises(ValueError, match="noise_model='residual' is a setting of method='plateau'"):
+        StageDetector(method="binseg", noise_model="residual")

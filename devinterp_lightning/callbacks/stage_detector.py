@@ -67,6 +67,8 @@ class StageDetector(Callback):
             ``"bottomup"``: shifts of a piecewise-constant mean with ruptures
             (:class:`~devinterp_lightning.stages.changepoints.ChangepointTracker`).
         penalty_scale, min_size, confirm, max_points: settings of that tracker (``None``: its default).
+        noise_model: ``method="plateau"`` only: ``"variogram"`` (the tracker's default) or the opt-in
+            ``"residual"`` noise estimate (docs/stages.md, "The residual noise model"); ``None``: the default.
         turning_points: also report turning points (slope sign changes). Off by default: their false-alarm
             rate on autocorrelated noise is above 5% (docs/stages.md).
         turning_window, turning_z: turning-point settings
@@ -89,6 +91,7 @@ class StageDetector(Callback):
         min_size: int | None = None,
         confirm: int = 3,
         max_points: int | None = None,
+        noise_model: str | None = None,
         turning_points: bool = False,
         turning_window: int = 8,
         turning_z: float = 3.0,
@@ -97,6 +100,11 @@ class StageDetector(Callback):
     ) -> None:
         super().__init__()
         check_arguments(monitor, every_n_steps, stage_boundaries, method)
+        if noise_model is not None and method != "plateau":
+            raise ValueError(
+                f"StageDetector: noise_model={noise_model!r} is a setting of method='plateau', not of "
+                f"method={method!r}; drop noise_model or use method='plateau'"
+            )
         self.monitor = monitor
         self.rules: list[AlertRule] = coerce_rules(rules)  # raises RuleConfigError now, not mid-run
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
@@ -107,7 +115,7 @@ class StageDetector(Callback):
         self.images = images
         self.method: StageMethod = method
         settings = {"penalty_scale": penalty_scale, "min_size": min_size, "confirm": confirm,
-                    "max_points": max_points}
+                    "max_points": max_points, "noise_model": noise_model}
         self.watch = StageWatch(
             [monitor, *(r.monitor for r in self.rules)], method=method,
             settings={k: v for k, v in settings.items() if v is not None}, turning_points=turning_points,
