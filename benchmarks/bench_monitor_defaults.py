@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import examples.deep_linear_network as dln  # noqa: E402
 from devinterp_lightning import LLCMonitor  # noqa: E402
+from devinterp_lightning.callbacks.llc_monitor import WARM_START_BURNIN  # noqa: E402
 from devinterp_lightning.schedule import LogSpaced  # noqa: E402
 
 #: name -> (schedule or None for the example's every 40 steps, num_burnin_steps, num_draws,
@@ -46,6 +47,13 @@ CONFIGS: dict[str, tuple[Any, int, int, bool | int]] = {
     "every 40, 4x(50+60), warm 10": (None, 50, 60, 10),
 }
 SCHEDULES = {"log10": lambda: LogSpaced(start=10, per_decade=10), "log5": lambda: LogSpaced(start=10, per_decade=5)}
+
+
+def sgld_steps_per_chain(estimates: int, burnin: int, draws: int, warm: bool | int) -> int:
+    """SGLD steps per chain over ``estimates`` estimates: the first with ``burnin``, every later one
+    with the warm-start burn-in (``min(burnin, 10)`` for ``True``, ``min(burnin, warm)`` for an int)."""
+    later = burnin if warm is False else min(burnin, WARM_START_BURNIN if warm is True else warm)
+    return burnin + draws + (estimates - 1) * (later + draws) if estimates else 0
 
 
 def run(name: str, seed: int, max_steps: int) -> dict[str, Any]:
@@ -74,8 +82,7 @@ def run(name: str, seed: int, max_steps: int) -> dict[str, Any]:
     return {
         "config": name, "seed": seed, "loss_drops": drops, "onsets": onsets, "onset_minus_drop": errors,
         "directions": [t["direction"] for t in out["transitions"]], "estimates": len(points),
-        "sgld_steps_per_chain": len(points) * (burnin + draws) - (len(points) - 1) * (burnin - warm) * (
-            warm is not False and warm < burnin),
+        "sgld_steps_per_chain": sgld_steps_per_chain(len(points), burnin, draws, warm),
         "plateau_values": [round(p.value, 2) for p in points if not p.flags][-5:],
         "median_stderr": statistics.median(p.stderr for p in points if not p.flags) if any(
             not p.flags for p in points) else None,
@@ -107,12 +114,11 @@ def run_grokking(warm: bool | int, seed: int, max_steps: int | None = None) -> d
     monitor = counted[-1]
     points = monitor.history["llc/mean"]
     burnin, draws = monitor.num_burnin_steps, monitor.num_draws
-    warm_burnin = burnin if warm is False else min(burnin, 10 if warm is True else warm)
     return {
         "example": "grokking", "warm_start": warm, "seed": seed, "llc_peak_step": out["llc_peak_step"],
         "transitions": [(t["monitor"], t["changepoint_step"], t["direction"]) for t in out["transitions"]],
         # per chain of one vectorized run (each distinct loader samples one such run)
-        "estimates": len(points), "sgld_steps_per_chain": burnin + draws + (len(points) - 1) * (warm_burnin + draws),
+        "estimates": len(points), "sgld_steps_per_chain": sgld_steps_per_chain(len(points), burnin, draws, warm),
         "flagged": sum(bool(p.flags) for p in points), "wall_s": round(wall, 1),
     }
 

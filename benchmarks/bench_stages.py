@@ -200,17 +200,24 @@ def dln_check(detector: str = "plateau", **kw: Any) -> dict[str, Any]:
     return real_check("dln_llc.json", detector, **kw)
 
 
+def replay_healthy(series: dict[str, Any], detector: str = "plateau", **kw: Any) -> Any:
+    """A fresh tracker fed a recorded series (``steps``, ``values``, ``stderr``, ``flags``) point by
+    point with its standard errors, flagged points skipped, as a StageDetector would."""
+    keep = [i for i, f in enumerate(series["flags"]) if not f]
+    steps = [series["steps"][i] for i in keep]
+    values = [series["values"][i] for i in keep]
+    stderrs = [series["stderr"][i] for i in keep]
+    tracker = make_tracker(detector, **kw)
+    for k in range(1, len(steps) + 1):
+        tracker.update(steps[:k], values[:k], stderrs=stderrs[:k])
+    return tracker
+
+
 def real_check(name: str, detector: str = "plateau", **kw: Any) -> dict[str, Any]:
     """A recorded example series (benchmarks/data/<name>: steps, values, stderr, flags, ground_truth) replayed
     point by point with its standard errors, flagged points skipped."""
     data = json.loads((ROOT / "benchmarks" / "data" / name).read_text())
-    keep = [i for i, f in enumerate(data["flags"]) if not f]
-    steps = [data["steps"][i] for i in keep]
-    values = [data["values"][i] for i in keep]
-    stderrs = [data["stderr"][i] for i in keep]
-    tracker = make_tracker(detector, **kw)
-    for k in range(1, len(steps) + 1):
-        tracker.update(steps[:k], values[:k], stderrs=stderrs[:k])
+    tracker = replay_healthy(data, detector, **kw)
     gt = data["ground_truth"]
     return {"found": [(t.changepoint_step, t.direction, t.step) for t in tracker.transitions],
             "truth": list(zip(gt["onsets"], gt["directions"], strict=True))}
@@ -223,13 +230,7 @@ def icl_check(detector: str = "plateau", **kw: Any) -> list[dict[str, Any]]:
     data = json.loads((ROOT / "benchmarks" / "data" / "icl_llc.json").read_text())
     out = []
     for run in data["runs"]:
-        keep = [i for i, f in enumerate(run["flags"]) if not f]
-        steps = [run["steps"][i] for i in keep]
-        values = [run["values"][i] for i in keep]
-        stderrs = [run["stderr"][i] for i in keep]
-        tracker = make_tracker(detector, **kw)
-        for k in range(1, len(steps) + 1):
-            tracker.update(steps[:k], values[:k], stderrs=stderrs[:k])
+        tracker = replay_healthy(run, detector, **kw)
         out.append({"seed": run["seed"], "icl_half": run["milestones"]["icl_half"],
                     "found": [(t.changepoint_step, t.direction, t.step) for t in tracker.transitions]})
     return out

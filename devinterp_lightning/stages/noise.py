@@ -133,6 +133,12 @@ def estimate_long_run_noise(
                 raw = min(max(g2 / g1 - 1.0, 0.0), phi_max)
                 phi = min(raw + margin * np.sqrt((1.0 - raw**2) / d1.size), phi_max)
                 sigma = math.sqrt(g1 / (1.0 - phi))
+    return _noise_level(sigma, phi, stderrs)
+
+
+def _noise_level(sigma: float, phi: float, stderrs: Sequence[float] | None) -> NoiseLevel:
+    """The AR(1) noise level from an estimated ``sigma`` and ``phi``; the median reported standard
+    error, where there is one, is a lower bound on ``sigma``."""
     if stderrs is not None:
         s = np.asarray(stderrs, dtype=float)
         s = s[np.isfinite(s)]
@@ -250,10 +256,4 @@ def segment_noise(
         dof = float(np.interp(raw, _PHI_GRID, e_den)) - len(used)
         phi = min(raw + margin * math.sqrt((1.0 - raw**2) / max(dof, 1.0)), phi_max)
         sigma = math.sqrt(den / max(float(np.interp(phi, _PHI_GRID, e_den)), 1.0))
-    if stderrs is not None:
-        s = np.asarray(stderrs, dtype=float)
-        s = s[np.isfinite(s)]
-        if s.size:
-            sigma = max(sigma, float(np.median(s)))
-    long_run = sigma * math.sqrt((1.0 + phi) / (1.0 - phi))
-    return NoiseLevel(sigma=sigma, phi=phi, long_run=long_run)
+    return _noise_level(sigma, phi, stderrs)
