@@ -375,3 +375,78 @@ def test_iterable_loaders_fall_back_to_a_seeded_fork_of_the_global_rng(monkeypat
     assert spy.reseeds == 2
     assert torch.equal(a.loss_trace, b.loss_trace)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# ------------------------------------------------------------------ anchor losses in blocks (#14)
+
+
+def _evaluator(loss_fn=mse):
+    from devinterp_lightning.sampling.sgld import LossEvaluator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return LossEvaluator(model, loss_fn, anchor, {}, list(anchor))
+
+
+def test_anchor_losses_of_a_block_equal_one_call_per_batch() -> None:
+    """The losses at w* of upcoming steps come from one vmapped call; each equals the loss of its
+    own batch computed alone (float rounding aside), shared batches and per-chain streams alike."""
+    from devinterp_lightning.sampling.batches import stack_batches
+    from devinterp_lightning.sampling.sgld import ChainBatches
+
+    ev = _evaluator()
+    x, y, _ = regression_data(n=320)
+    batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 320, 32)]
+    block = ev.anchor_losses(batches)
+    assert ev._anchor_blocks
+    torch.testing.assert_close(torch.stack(block), torch.stack([ev.anchor_loss(b) for b in batches]))
+    streams = [ChainBatches(batches[i : i + 2], stack_batches(batches[i : i + 2])) for i in range(0, 10, 2)]
+    per_lane = ev.anchor_losses(streams)
+    assert [tuple(t.shape) for t in per_lane] == [(2,)] * 5
+    torch.testing.assert_close(torch.stack(per_lane), torch.stack(block).reshape(5, 2))
+
+
+def test_anchor_losses_fall_back_to_one_call_per_batch_where_vmap_fails() -> None:
+    def branching(model: nn.Module, batch) -> torch.Tensor:
+        scale = 2.0 if bool(batch[1].sum() > 0) else 1.0  # a Python branch on the data: no vmap
+        return scale * mse(model, batch)
+
+    ev = _evaluator(branching)
+    x, y, _ = regression_data(n=96)
+    batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 96, 32)]
+    values = ev.anchor_losses(batches)
+    assert not ev._anchor_blocks
+    assert [float(v) for v in values] == [float(branching(ev.module.model, b)) for b in batches]
+
+
+@pytest.mark.parametrize("block_bytes", [10**9, 1])
+def test_anchored_stream_reads_each_step_once_and_anchors_draw_steps(monkeypatch, block_bytes: int) -> None:
+    """The stream reads exactly ``total_steps`` batches in order (blocks never read ahead past the
+    run) and pairs a loss at w* with step 0 and every draw step, whatever the block size."""
+    from devinterp_lightning.sampling import sgld
+    from devinterp_lightning.sampling.settings import SGLDSettings
+
+    monkeypatch.setattr(sgld, "ANCHOR_BLOCK_BYTES", block_bytes)
+    ev = _evaluator()
+    x, y, _ = regression_data(n=64 * 20)
+    batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 64 * 20, 64)]
+    read = []
+
+    def source():
+        for i, b in enumerate(batches):
+            read.append(i)
+            yield b
+
+    settings = SGLDSettings(lr=1e-3, localization=1.0, nbeta=10.0, num_chains=2, num_draws=4, num_burnin_steps=3,
+                            num_steps_bw_draws=2)
+    stream = sgld.AnchoredBatches(ev, source(), settings)
+    seen = [stream.next() for _ in range(settings.total_steps)]
+    assert read == list(range(settings.total_steps))
+    assert stream.block == (1 if block_bytes == 1 else sgld.ANCHOR_BLOCK_STEPS)
+    for step, (batch, anchor) in enumerate(seen):
+        assert batch is batches[step]
+        if step == 0 or settings.draw_index(step) is not None:
+            torch.testing.assert_close(anchor, ev.anchor_loss(batch))
+        else:
+            assert anchor is None
