@@ -416,6 +416,8 @@ def run_chains(
                   for n, v in lanes.views.items()}
 
     stream = AnchoredBatches(evaluator, batches, settings)
+    on_cpu = device.type == "cpu"
+    diverged_any = not on_cpu  # on an accelerator, never synchronize to find out
     for step in range(settings.total_steps):
         batch, anchor_loss = stream.next()
         draw = settings.draw_index(step)
@@ -425,12 +427,16 @@ def run_chains(
                 init_loss = init_loss.repeat((num_lanes + init_loss.numel() - 1) // init_loss.numel())[:num_lanes]
         grads, losses = evaluator.grad_and_loss(lanes.views, batch, out=grad_views)
         losses = losses.detach().float()
-        # a lane diverges on a non-finite or runaway loss; it is frozen back at w* from then on
-        newly = (~torch.isfinite(losses) | (nbeta * (losses - init_loss) > runaway)) & ~diverged
-        diverged |= newly
-        diverged_any = device.type != "cpu" or bool(diverged.any())  # a free check on CPU
+        # a lane diverges on a non-finite or runaway loss; it is frozen back at w* from then on.
+        # False on nan, +-inf and a runaway:
+        healthy = ((losses - init_loss).mul_(nbeta) <= runaway) & (losses > -math.inf)
+        newly = None
+        if not on_cpu or diverged_any or not bool(healthy.all()):  # the check is free on CPU
+            newly = ~healthy & ~diverged
+            diverged |= newly
+            diverged_any = not on_cpu or bool(diverged.any())
         if draw is not None:
-            loss_trace[:, draw] = losses.masked_fill(diverged, float("nan"))
+            loss_trace[:, draw] = losses.masked_fill(diverged, float("nan")) if diverged_any else losses
             init_trace[:, draw] = init_loss
         # drift = nbeta * grad + localization * (w - w*); step = sqrt(lr) * noise - lr/2 * drift
         drift = (grad_flat if grads is grad_views else lanes.flatten(grads)).mul_(nbeta * half_lr)
@@ -443,7 +449,7 @@ def run_chains(
         else:
             w.addcmul_(delta, lanes.mask * (~diverged).to(w.dtype)[:, None])
         # put a diverged lane back at w* so its tensors stay finite (one sync-free op on GPU)
-        if device.type != "cpu" or bool(newly.any()):
+        if not on_cpu or (newly is not None and bool(newly.any())):
             w.copy_(torch.where(diverged[:, None], w0, w))
         if progress is not None:
             progress(step + 1)
