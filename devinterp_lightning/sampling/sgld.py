@@ -2,8 +2,8 @@
 
 A *lane* is one chain. All lanes of one run either share one batch stream or (per-chain
 streams, :class:`ChainBatches`) each read their own, and are advanced together:
-the moving parameters are stacked as ``[num_lanes, *shape]`` and one call of
-``torch.func.vmap(torch.func.grad_and_value(...))`` gives every lane's batch loss and gradient.
+the moving parameters are stacked as ``[num_lanes, *shape]``; one ``torch.func.vmap`` forward
+gives every lane's batch loss and one backward of their sum every lane's gradient.
 Each lane carries its own update mask, so chains with different weight restrictions (and
 chains that diverged and were frozen) live side by side in one vectorized step.
 
