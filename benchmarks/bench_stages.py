@@ -15,7 +15,9 @@ Shapes (100 points unless said; ``A`` is the amplitude of a rise, the noise has 
 
 Real series (replayed with their reported standard errors, flagged points skipped):
 ``benchmarks/data/dln_llc.json`` (the deep linear network example, two known rises),
-``benchmarks/data/grokking_llc.json`` (the grokking example, one smooth decline from the LLC peak) and
+``benchmarks/data/grokking_llc.json`` (the grokking example, one smooth decline from the LLC peak),
+``benchmarks/data/superposition_llc.json`` (the toy model of superposition, seed 0, one rise while the first
+features form; written by ``benchmarks/make_superposition_llc.py``) and
 ``benchmarks/data/icl_llc.json`` (the in-context linear regression example, seeds 0-2, written by
 ``benchmarks/make_icl_llc.py``; the ground truth is the step where the ICL score reaches half its final
 value).
@@ -289,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.detector != "turning":
         print("DLN example:", dln_check(args.detector, **kw))
         print("grokking example:", real_check("grokking_llc.json", args.detector, **kw))
+        print("superposition example:", real_check("superposition_llc.json", args.detector, **kw))
         for r in icl_check(args.detector, **kw):
             print(f"ICL example, seed {r['seed']}: ICL milestone (half) at step {r['icl_half']}; found "
                   f"(onset, direction, confirmed): {r['found']}")

@@ -208,6 +208,19 @@ def test_recorded_grokking_series_has_one_decrease_at_the_peak():
     assert [(s, d) for s, d, _ in dln["found"]] == dln["truth"]
 
 
+def test_recorded_superposition_series_has_one_late_increase():
+    """The toy model of superposition's llc/mean (benchmarks/data/superposition_llc.json, seed 0, 61
+    points every 50 steps, stderr 0.06-0.18): features form at steps 630 (2), 750 (3) and 1180 (4); the
+    LLC dips to 0.62-0.76 at 600-650, then climbs 0.99 (700), 1.16 (800), 1.65 (900) from a plateau of
+    ~0.9 to one of ~1.75. Both noise models find that one increase and nothing else, with its onset at
+    900: 270 steps after the first feature, where most of the rise is done (the dip and 700-800 are fitted
+    into the plateau before it). Confirmed at 1400 (default) and 1200 (residual)."""
+    from bench_stages import real_check
+
+    assert real_check("superposition_llc.json")["found"] == [(900, "increase", 1400)]
+    assert real_check("superposition_llc.json", noise_model="residual")["found"] == [(900, "increase", 1200)]
+
+
 @pytest.mark.slow
 def test_suite_headline_many_seeds():
     """100 seeds per cell: the docs/stages.md table (see there for the measured values)."""

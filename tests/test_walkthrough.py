@@ -735,6 +735,12 @@ COMMANDS: dict[str, Entry] = {
         why="three 600-step runs of the example take 7-9 minutes each on 2 cores; one 40-step run, written "
             "next to the copy instead of over the recorded series, runs the same code",
         check=_files_written("icl_short.json")),
+    "OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/make_superposition_llc.py --seed 0": Entry(
+        phase=5, timeout=600, slow=True,
+        instead="OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/make_superposition_llc.py --seed 0 "
+                "--out superposition.json",
+        why="the same run (about 30 s), written next to the copy instead of over the recorded series",
+        check=_files_written("superposition.json")),
     # ---- the docs site
     "mkdocs serve": Entry(
         how="serve", phase=5, timeout=240, instead="mkdocs serve --dev-addr 127.0.0.1:{port}",
