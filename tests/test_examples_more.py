@@ -108,9 +108,10 @@ def test_superposition_full_run_llc_rises_when_features_form(tmp_path: Path) -> 
     """Measured on seeds 0 / 1 / 2 (default settings):
 
     feature-count changes 630 (0->2), 750 (->3), 1180 (->4) / 630 (0->1), 880, 950, 1950 (->4) /
-    790 (0->1), 840 (->3), 990 (->4); LLC rises (onset) 850 / 1100 and 2200 / 950, i.e. +100 /
-    +150, +250 / -40 (+110 after the 3-feature step) from the nearest count change; first rise
-    220 / 470 / 160 steps after the first feature; unflagged LLC before the first feature ~0.9,
+    790 (0->1), 840 (->3), 990 (->4); LLC rises (onset) 900 / 1100 / 950, i.e. +150 / +150 / -40
+    (+110 after the 3-feature step) from the nearest count change; first rise 270 / 470 / 160 steps
+    after the first feature (re-measured with warm-started chains; before them: 850 / 1100 and 2200 /
+    950); unflagged LLC before the first feature ~0.9,
     from 400 steps after it ~1.75 (rise 0.8 / 0.75 / 0.95); only the origin's estimates flagged.
     """
     from examples import superposition
