@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
               f"example transitions {r['example_transitions']}, {r['seconds']} s", flush=True)
     data = {
         "source": ("OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/make_icl_llc.py --seeds "
-                   + " ".join(map(str, args.seeds)) + " -- " + " ".join(example_args)),
+                   + " ".join(map(str, args.seeds)) + (" -- " + " ".join(example_args) if example_args else "")),
         "example_args": example_args,
         "runs": runs,
     }
