@@ -17,10 +17,11 @@ Real series (replayed with their reported standard errors, flagged points skippe
 ``benchmarks/data/dln_llc.json`` (the deep linear network example, two known rises),
 ``benchmarks/data/grokking_llc.json`` (the grokking example, one smooth decline from the LLC peak),
 ``benchmarks/data/superposition_llc.json`` (the toy model of superposition, seed 0, one rise while the first
-features form; written by ``benchmarks/make_superposition_llc.py``) and
-``benchmarks/data/icl_llc.json`` (the in-context linear regression example, seeds 0-2, written by
-``benchmarks/make_icl_llc.py``; the ground truth is the step where the ICL score reaches half its final
-value).
+features form; written by ``benchmarks/make_superposition_llc.py``),
+``benchmarks/data/icl_llc.json`` (the in-context linear regression example, seeds 0-2, 60 draws every 20
+steps, written by ``benchmarks/make_icl_llc.py``; the ground truth is the step where the ICL score reaches
+half its final value) and, where present, ``benchmarks/data/icl_llc_defaults.json`` (the same at the
+example's defaults, 40 draws every 20 steps).
 
 The true onset of a logistic rise is its 10% point, ``centre - w / 2``. A detection is a hit when its
 direction is right and its onset is within ``max(3, w / 2)`` points of a true onset (each truth is
@@ -225,11 +226,11 @@ def real_check(name: str, detector: str = "plateau", **kw: Any) -> dict[str, Any
             "truth": list(zip(gt["onsets"], gt["directions"], strict=True))}
 
 
-def icl_check(detector: str = "plateau", **kw: Any) -> list[dict[str, Any]]:
-    """The in-context regression example's healthy llc/mean series (benchmarks/data/icl_llc.json, one run
-    per seed, written by benchmarks/make_icl_llc.py) against its ICL milestone: the step where the
-    ICL score first reaches half its final value."""
-    data = json.loads((ROOT / "benchmarks" / "data" / "icl_llc.json").read_text())
+def icl_check(detector: str = "plateau", name: str = "icl_llc.json", **kw: Any) -> list[dict[str, Any]]:
+    """The in-context regression example's healthy llc/mean series (benchmarks/data/<name>, one run per
+    seed, written by benchmarks/make_icl_llc.py) against its ICL milestone: the step where the ICL score
+    first reaches half its final value."""
+    data = json.loads((ROOT / "benchmarks" / "data" / name).read_text())
     out = []
     for run in data["runs"]:
         tracker = replay_healthy(run, detector, **kw)
@@ -292,9 +293,12 @@ def main(argv: list[str] | None = None) -> None:
         print("DLN example:", dln_check(args.detector, **kw))
         print("grokking example:", real_check("grokking_llc.json", args.detector, **kw))
         print("superposition example:", real_check("superposition_llc.json", args.detector, **kw))
-        for r in icl_check(args.detector, **kw):
-            print(f"ICL example, seed {r['seed']}: ICL milestone (half) at step {r['icl_half']}; found "
-                  f"(onset, direction, confirmed): {r['found']}")
+        for name in ("icl_llc.json", "icl_llc_defaults.json"):
+            if not (ROOT / "benchmarks" / "data" / name).exists():
+                continue
+            for r in icl_check(args.detector, name, **kw):
+                print(f"ICL example ({name}), seed {r['seed']}: ICL milestone (half) at step {r['icl_half']}; "
+                      f"found (onset, direction, confirmed): {r['found']}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
