@@ -5,8 +5,8 @@ benchmarks/data/icl_llc.json (the real series that bench_stages.py replays).
 
 Everything after ``--`` is passed to ``examples/in_context_linear_regression.py`` as it is (with
 ``--seed``, ``--quiet`` and a private ``--logdir`` added). The example's ``main`` does not return the
-per-point standard errors, so the monitor it builds is captured (a subclass that remembers its
-instance) and its history is read directly; the example itself is not changed.
+per-point standard errors, so the monitor it builds is captured
+(``benchmarks/capture_monitor.py``) and its history is read directly; the example itself is not changed.
 
 benchmarks/data/icl_llc.json keeps its own settings (the command above: 60 draws every 20 steps),
 recorded before the example's defaults became 40 draws every 20 steps with a binseg detector and
@@ -21,47 +21,28 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from capture_monitor import llc_points, run_capturing_monitor  # noqa: E402
 
 import examples.in_context_linear_regression as icl  # noqa: E402
 
 
 def run_seed(seed: int, example_args: list[str]) -> dict[str, Any]:
-    captured: list[Any] = []
-
-    class Capturing(icl.LLCMonitor):  # type: ignore[misc, valid-type]
-        def __init__(self, *a: Any, **kw: Any) -> None:
-            super().__init__(*a, **kw)
-            captured.append(self)
-
-    original = icl.LLCMonitor
-    icl.LLCMonitor = Capturing
-    try:
-        with tempfile.TemporaryDirectory() as logdir:
-            t0 = time.perf_counter()
-            result = icl.main([*example_args, "--seed", str(seed), "--quiet", "--logdir", logdir])
-            seconds = time.perf_counter() - t0
-    finally:
-        icl.LLCMonitor = original
-    points = captured[0].history.get("llc/mean")
+    result, monitor, seconds = run_capturing_monitor(icl, [*example_args, "--seed", str(seed), "--quiet"])
     curve = result["curve"]
     return {
         "seed": seed,
         "milestones": result["milestones"],
         "example_transitions": [(t["changepoint_step"], t["direction"]) for t in result["transitions"]],
         "seconds": round(seconds, 1),
-        "steps": [p.step for p in points],
-        "values": [p.value for p in points],
-        "std": [p.std for p in points],
-        "stderr": [p.stderr for p in points],
-        "flags": [list(p.flags) for p in points],
+        **llc_points(monitor),
         "icl_score": {"steps": [int(s) for s in curve["step"]], "values": curve["icl/score"]},
     }
 
