@@ -347,17 +347,20 @@ SUITE_CASES = {
     "DLN 3-4-4-3 r2": lambda seed: dln_case([3, 4, 4, 3], 2, n=16384, seed=seed),
 }
 
-# relative-error tolerance per case, from the errors measured over seeds 0-2 in all three rows
-# (docs/validation.md, "Accuracy on noisy data"); CI runs seed 0, the lowest seed of every network row.
-#   linear 4->3 (lambda 6):      +0.1% .. +3.2%, -0.8% .. +1.1%, -1.1% .. +2.3%
-#   RRR 4-4-4 r2 (lambda 7.5):  -18.0% .. +2.5%, -17.9% .. +0.4%, -18.8% .. -5.5%
-#   DLN 3-4-4-3 r2 (lambda 4.5): -25.5% .. -10.0%, -24.2% .. -11.2%, -22.7% .. -10.2%
-# The networks' low values are not minibatch noise: full batch at the same lr gives the same
-# (RRR, nbeta 1000: -20.3% .. -6.5%); they are finite nbeta and too few steps for the small lr.
+# relative-error tolerance per case, from the errors measured over seeds 0-2 in all three rows at the
+# documented settings (docs/validation.md, "Accuracy on noisy data"); CI runs seed 0.
+#   linear 4->3 (lambda 6):      B32 -0.0% .. +3.5%, B128 -0.5% .. +3.3%, B512 -2.2% .. +4.7%
+#   RRR 4-4-4 r2 (lambda 7.5):   B32 -6.7% .. -3.3%, B128 -5.8% .. -3.8%, B512 -11.0% .. -10.4%
+#   DLN 3-4-4-3 r2 (lambda 4.5): B32 -7.5% .. -1.5%, B128 -7.0% .. +0.8%, B512 -12.8% .. -7.1%
+# (stderr 1.9-3.6% of lambda, R-hat <= 1.014, no flag). The networks' B 512 row (nbeta 1000) is the
+# localization's share: at the weaker localization nbeta / 100, relaxed over 4 relaxation times, the
+# same rows read RRR -3.7% .. -2.8% and DLN -5.9% .. -3.3%. The old layout (200 + 800 steps at
+# localization nbeta / 100, a tenth of a relaxation time) read RRR -18.8% .. +2.5% and DLN -25.5% ..
+# -10.0%, and is now flagged "unrelaxed" (test_the_old_noisy_suite_layout_is_flagged_...).
 SUITE_TOLERANCE = {
     "linear 4->3": 0.08,
-    "RRR 4-4-4 r2": 0.25,
-    "DLN 3-4-4-3 r2": 0.30,
+    "RRR 4-4-4 r2": 0.15,
+    "DLN 3-4-4-3 r2": 0.15,
 }
 
 
@@ -367,7 +370,7 @@ SUITE_TOLERANCE = {
 def test_noisy_suite_at_the_documented_settings(name: str, row: str) -> None:
     case = SUITE_CASES[name](0)
     res = suite_estimate(case, row, seed=0)
-    assert MINIBATCH_NOISE not in res.flags, res.flags
+    assert res.healthy, res.flags  # neither minibatch_noise nor unrelaxed, nor any trace flag
     assert abs(res.mean - case.llc) / case.llc < SUITE_TOLERANCE[name], (res.mean, case.llc)
 
 
