@@ -301,7 +301,7 @@ def estimate_llcs(
                     if cold and _unrelaxed(settings):
                         result = dataclasses.replace(result, flags=(*result.flags, UNRELAXED))
                 results[name] = result
-            if cold and _unrelaxed(settings):
+            if cold and bad_start is None and _unrelaxed(settings):
                 warnings.warn(_unrelaxed_message(settings), RuntimeWarning, stacklevel=3)
             if warm_start is not None and any(set(results[n].flags) - WARM_START_KEEPS for n in names):
                 # chains that slid off a saddle or diverged are no sample of the next posterior
@@ -310,9 +310,10 @@ def estimate_llcs(
 
 
 #: health flags after which a group's last chain offsets still serve as a warm start: the chains
-#: disagree (``high_rhat``) or the step size is noisy (``minibatch_noise``), but they sample the
-#: posterior; after any other flag (``negative``, ``below_init``, ``drifting``, ``diverged``, ...)
-#: they are dropped and the next estimate of the group starts at ``w*``
+#: disagree (``high_rhat``), the step size is noisy (``minibatch_noise``) or the layout is short
+#: (``unrelaxed``: a warm start is what relaxes them), but they sample the posterior; after any
+#: other flag (``negative``, ``below_init``, ``drifting``, ``diverged``, ...) they are dropped and
+#: the next estimate of the group starts at ``w*``
 WARM_START_KEEPS = frozenset({"high_rhat", MINIBATCH_NOISE, UNRELAXED})
 
 
