@@ -13,9 +13,8 @@ The cost figure is the wall time of ``calibrate_llc`` over that of the one estim
 timed in the same process after a warm-up (the first vmap call imports torch's compiler stack,
 seconds that neither should be charged for); the machine may be shared, so read the ratio, not
 the seconds. ``steps`` is the calibration's own count of chain-steps over the estimate's, which
-load cannot distort. ``burn-in``, ``draws`` and ``thin`` are the recommended layout (the relaxation
-rule of ``calibrate_llc`` raises the burn-in and the thinning, the standard-error target the draws);
-``rhat`` and ``flags`` are the follow-up estimate's.
+load cannot distort. ``burn-in`` and ``thin`` are the recommended layout (the relaxation rule of
+``calibrate_llc`` raises both); ``rhat`` and ``flags`` are the follow-up estimate's.
 """
 
 from __future__ import annotations
@@ -54,7 +53,7 @@ def main() -> None:
                  num_chains=2, num_draws=5)
 
     print(f"{'case':>28} {'seed':>4} {'lambda':>7} {'llc':>8} {'error':>7} {'stderr':>7} {'ok':>5} "
-          f"{'trials':>6} {'lr*stiff':>8} {'burn-in':>7} {'draws':>5} {'thin':>4} {'rhat':>6} {'steps':>6} {'time':>6}  flags",
+          f"{'trials':>6} {'lr*stiff':>8} {'burn-in':>7} {'thin':>4} {'rhat':>6} {'steps':>6} {'time':>6}  flags",
           flush=True)
     ratios, step_ratios, errors = [], [], []
     for seed in range(args.seeds):
@@ -78,7 +77,7 @@ def main() -> None:
             stiff = cal.lr * (cal.nbeta * cal.curvature + cal.localization)
             print(f"{name:>28} {seed:>4} {expected:>7.2f} {res.mean:>8.3f} {error:>+7.1%} "
                   f"{res.stderr / expected:>7.1%} {cal.ok!s:>5} {trials:>6} {stiff:>8.3g} {cal.num_burnin_steps:>7} "
-                  f"{cal.num_draws:>5} {cal.num_steps_bw_draws:>4} {res.rhat:>6.3f} {steps:>6.2f} {ratio:>6.2f}  {','.join(res.flags)}",
+                  f"{cal.num_steps_bw_draws:>4} {res.rhat:>6.3f} {steps:>6.2f} {ratio:>6.2f}  {','.join(res.flags)}",
                   flush=True)
     def med(xs: list[float]) -> float:
         return sorted(xs)[len(xs) // 2]

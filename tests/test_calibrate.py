@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from devinterp_lightning import theory
 from devinterp_lightning.sampling.calibrate import (
     LOCALIZATION_BOOST,
-    MAX_DRAWS_FACTOR,
     RELAXATION_EFOLDS,
     CalibrationResult,
     calibrate_llc,
@@ -308,25 +307,6 @@ def test_not_ok_when_the_half_step_cannot_relax_within_the_cap(calibrated) -> No
     assert any(f"> max_burnin_steps {cap}" in t.rejected for t in cal.trials)
 
 
-def test_draws_are_raised_for_the_stderr_target(calibrated) -> None:
-    """The chosen trial's stderr against ``stderr_target * |llc|``: the recommended draws grow by the
-    squared ratio, at most MAX_DRAWS_FACTOR times; the pair of trials is the fixture's own (same lrs,
-    same seed), so the choice is the same."""
-    model, loader, full, _ = calibrated
-    pair = [2 * full.lr, full.lr]
-    se, llc = full.estimate.stderr, abs(full.estimate.mean)
-    assert se < 0.1 * llc  # the fixture's trial: a few percent
-    strict = calibrate_llc(model, half_sse, loader, lrs=pair, stderr_target=0.1 * se / llc, **FAST)
-    assert strict.ok and strict.lr == full.lr and strict.num_draws == 200 * MAX_DRAWS_FACTOR, strict.summary()
-    assert f"draws 200 -> {200 * MAX_DRAWS_FACTOR}" in strict.reason
-    assert strict.estimate.num_draws == 200  # the trial itself is not rerun
-    loose = calibrate_llc(model, half_sse, loader, lrs=pair, stderr_target=2 * se / llc, **FAST)
-    off = calibrate_llc(model, half_sse, loader, lrs=pair, stderr_target=0.0, **FAST)
-    assert loose.num_draws == off.num_draws == 200 and "draws" not in off.reason
-    halfway = calibrate_llc(model, half_sse, loader, lrs=pair, stderr_target=se / llc / 2, **FAST)
-    assert 800 <= halfway.num_draws <= 801, halfway.summary()  # (se / (se / 2))^2 = 4, up to rounding
-
-
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_burnin_is_doubled_when_a_trial_only_lacks_mixing() -> None:
     # the relaxation rule off (relaxation_efolds=0), so that the caller's 20 steps are the burn-in
@@ -368,7 +348,6 @@ def test_deterministic_for_a_seed() -> None:
         (dict(localization=-1.0), "localization must be >= 0"),
         (dict(relaxation_efolds=-1.0), "relaxation_efolds"),
         (dict(max_burnin_steps=50), "max_burnin_steps"),
-        (dict(stderr_target=-0.1), "stderr_target"),
     ],
 )
 def test_bad_arguments_raise_early(kwargs, match: str) -> None:

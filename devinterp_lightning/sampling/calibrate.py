@@ -85,13 +85,6 @@ RELAXATION_EFOLDS = 2.0
 #: No trial runs a longer burn-in than this by default (``max_burnin_steps``): a step whose flat
 #: directions need more cannot be checked at a cost comparable to an estimate.
 MAX_BURNIN_STEPS = 10_000
-#: The recommended layout draws enough that the chosen trial's standard error, scaled to it, is at
-#: most this fraction of its estimate (``stderr_target``): ``num_draws`` grows by
-#: ``(stderr / (STDERR_TARGET * |llc|))^2``, at most ``MAX_DRAWS_FACTOR`` times. An estimate whose own
-#: noise is 12% cannot be trusted to 15% however small its bias (measured: docs/validation.md).
-STDERR_TARGET = 0.05
-#: the most by which ``stderr_target`` may multiply the draws
-MAX_DRAWS_FACTOR = 8
 #: Consecutive grid values differ by this factor (the bias check compares lr with lr / LR_FACTOR).
 LR_FACTOR = 2.0
 #: The trial layout when neither keywords nor ``settings=`` give one.
@@ -149,7 +142,7 @@ class CalibrationResult:
         num_draws, num_burnin_steps, num_steps_bw_draws: the chain layout the recommendation was
             checked with: the caller's, with the burn-in raised to ``relaxation_efolds *
             relaxation_steps`` (the relaxation rule) and doubled where the trial still needed it to
-            level off (``max_burnin_extensions``); ``num_draws`` raised by ``stderr_target``.
+            level off (``max_burnin_extensions``).
         ok: True when an lr passed every check: it is healthy and its estimate agrees with the one
             at twice its lr, both with their relaxation burn-in. False means the fallback (the
             healthiest trial) was returned and a warning was issued, with the reason in ``reason``.
@@ -162,8 +155,7 @@ class CalibrationResult:
             when the localization does not outweigh the negative curvature.
         min_curvature: smallest eigenvalue of that Hessian (power iteration on ``H - curvature * I``).
         trials: every lr considered, largest first, with its measurements and rejection reason.
-        estimate: the trial estimate at the chosen lr, with the trial's ``num_draws`` (a by-product;
-            with more draws recommended, estimate again for the target standard error).
+        estimate: the estimate at the chosen lr (a by-product: no need to estimate again).
         num_steps: SGLD steps per chain spent by the calibration (probe and estimates).
         seconds: wall time of the calibration.
         batch_streams, batch_order: the batch layout the trials ran with (from ``settings=``);
@@ -736,7 +728,6 @@ def calibrate_llc(
     max_burnin_extensions: int = 2,
     relaxation_efolds: float = RELAXATION_EFOLDS,
     max_burnin_steps: int = MAX_BURNIN_STEPS,
-    stderr_target: float = STDERR_TARGET,
     seed: int = 0,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = torch.float32,
@@ -783,10 +774,6 @@ def calibrate_llc(
             localization holds (none when ``localization`` is 0), and the recommendation carries
             the chosen trial's burn-in. A step that would need more than ``max_burnin_steps`` is
             not run; when that leaves ``lr/2`` of a healthy ``lr`` unchecked the result is not ok.
-        stderr_target: when the chosen trial's ``stderr`` exceeds this fraction of its estimate, the
-            recommended ``num_draws`` is raised by ``(stderr / (stderr_target * |llc|))^2`` (at most
-            ``MAX_DRAWS_FACTOR`` times; the standard error falls as one over the root of the draws'
-            span), for estimates with the trial's ``num_chains``. 0 turns it off.
         seed: every trial uses this seed (common random numbers make the bias check sharper).
         progress: optional ``progress(done, total)`` in trial estimates.
 
@@ -807,8 +794,6 @@ def calibrate_llc(
     if not (relaxation_efolds >= 0 and math.isfinite(relaxation_efolds)):
         raise ValueError(f"relaxation_efolds must be a finite number >= 0, e.g. {RELAXATION_EFOLDS}; "
                          f"got {relaxation_efolds}")
-    if not (stderr_target >= 0 and math.isfinite(stderr_target)):
-        raise ValueError(f"stderr_target must be a finite fraction >= 0, e.g. {STDERR_TARGET}; got {stderr_target}")
     if max_burnin_steps < layout.num_burnin_steps:
         raise ValueError(f"max_burnin_steps ({max_burnin_steps}) is below the layout's num_burnin_steps "
                          f"({layout.num_burnin_steps}); raise it or shorten the burn-in")
@@ -835,7 +820,7 @@ def calibrate_llc(
                 # w* is not a minimum along some direction: a stronger localization holds the chains
                 # at w*, which is what a local coefficient at a saddle or on a slope can measure
                 loc *= LOCALIZATION_BOOST
-    return _decide(ctx, attempts, curvature, bottom, probe_steps, start, stderr_target)
+    return _decide(ctx, attempts, curvature, bottom, probe_steps, start)
 
 
 def _layout(
@@ -864,17 +849,8 @@ def _screened_attempt(
     return _Attempt(localization, grid, acceptance, distance)
 
 
-def _draws_for(estimate: LLCResult | None, num_draws: int, target: float) -> int:
-    """``num_draws`` raised so that the estimate's standard error would be ``target`` of its value."""
-    if estimate is None or target <= 0 or not (math.isfinite(estimate.stderr) and estimate.mean != 0):
-        return num_draws
-    factor = (estimate.stderr / (target * abs(estimate.mean))) ** 2
-    return num_draws if factor <= 1 else math.ceil(num_draws * min(factor, MAX_DRAWS_FACTOR))
-
-
 def _decide(
-    ctx: _Context, attempts: list[_Attempt], curvature: float, bottom: float, probe_steps: int, start: float,
-    stderr_target: float = STDERR_TARGET,
+    ctx: _Context, attempts: list[_Attempt], curvature: float, bottom: float, probe_steps: int, start: float
 ) -> CalibrationResult:
     """The chosen lr of the last attempt (or its fallback, with a warning) and all the evidence."""
     last = attempts[-1]
@@ -897,16 +873,11 @@ def _decide(
         trials += attempt.trials(prefix=f"localization {attempt.localization:.4g}: ")
     trials += last.trials(chosen=chosen)
     layout = last.layouts.get(chosen, ctx.layout_for(last.lrs[chosen], last.localization))
-    draws = _draws_for(last.estimates.get(chosen), layout.num_draws, stderr_target) if ok else layout.num_draws
-    if draws > layout.num_draws:
-        est = last.estimates[chosen]
-        why += (f"; draws {layout.num_draws} -> {draws} for a standard error of {stderr_target:.0%} "
-                f"(trial: {est.stderr / abs(est.mean):.1%})")
     # chain-steps spent: the probe lanes and HVPs, then every trial estimate
     spent = sum(probe_steps * len(a.lrs) // layout.num_chains + 80 + a.steps for a in attempts)
     result = CalibrationResult(
         lr=last.lrs[chosen], localization=float(last.localization), nbeta=float(layout.nbeta),
-        num_draws=draws, num_burnin_steps=layout.num_burnin_steps,
+        num_draws=layout.num_draws, num_burnin_steps=layout.num_burnin_steps,
         num_steps_bw_draws=layout.num_steps_bw_draws, ok=ok, reason=why, curvature=curvature, trials=trials,
         estimate=last.estimates.get(chosen), num_steps=spent, seconds=time.perf_counter() - start,
         batch_streams=layout.batch_streams, batch_order=layout.batch_order,
