@@ -178,6 +178,10 @@ def test_unrelaxed_flag_fires_on_short_chains_and_names_the_burnin() -> None:
     with pytest.warns(RuntimeWarning, match=r"'unrelaxed'.*= 1000 steps.*num_burnin_steps >= \d+"):
         res = estimate_llc(case.model, case.loss_fn, loader, seed=0, **FAST)  # lr * localization = 1e-3, 25 steps
     assert UNRELAXED in res.flags and not res.healthy
+    # a DDP merge re-summarizes the gathered traces: the flag travels with them
+    from devinterp_lightning.sampling.distributed import merge_packed, pack_chains
+
+    assert UNRELAXED in merge_packed([pack_chains({"llc": res})], {"llc": res})["llc"].flags
     need = relaxed_burnin(FAST["lr"], FAST["localization"], FAST["num_draws"])
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
