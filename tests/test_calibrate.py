@@ -315,15 +315,17 @@ def test_burnin_is_doubled_when_a_trial_only_lacks_mixing() -> None:
     kwargs = dict(lrs=[lr, lr / 2, lr / 4], num_chains=4, num_draws=200, num_burnin_steps=20, seed=0,
                   relaxation_efolds=0.0)
     cal = calibrate_llc(model, half_sse, loader, **kwargs)
-    # lr/2 lacks mixing at 20 burn-in steps: 20 -> 220 (one full trial length) -> 440
-    half = cal.trials[1]
-    assert half.burnin == 440 and half.estimate.num_draws == 200, cal.summary()
-    assert "burn-in extended after" in half.rejected or "burn-in extended" in cal.reason
+    # lr * localization = 9.4e-4: 200 draws after 20 burn-in steps are flagged "unrelaxed" (the
+    # settings check), and still after 220: 20 -> 220 (one full trial length) -> 440
+    first = cal.trials[0]
+    assert first.burnin == 440 and first.estimate.num_draws == 200, cal.summary()
+    assert "burn-in extended after unrelaxed with 20; unrelaxed with 220" in first.rejected + cal.reason
+    assert "unrelaxed" not in first.estimate.flags
     # the recommendation carries the layout its own trial ran with
     chosen = next(t for t in cal.trials if t.lr == cal.lr)
     assert cal.num_burnin_steps == chosen.burnin == cal.as_kwargs()["num_burnin_steps"]
     fixed = calibrate_llc(model, half_sse, loader, max_burnin_extensions=0, **kwargs)
-    assert [t.burnin for t in fixed.trials[:2]] == [20, 20], fixed.summary()
+    assert [t.burnin for t in fixed.trials if t.estimate is not None] == [20], fixed.summary()
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

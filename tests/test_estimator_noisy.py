@@ -152,6 +152,67 @@ def test_minibatch_noise_flag_quiet_at_small_lr_and_on_noise_free_data() -> None
     assert MINIBATCH_NOISE not in res.flags
 
 
+# ------------------------------------------------------------------ the unrelaxed flag (a settings check)
+
+
+def test_unrelaxed_fraction_is_the_mean_missing_variance_over_the_draws() -> None:
+    from devinterp_lightning.sampling.result import relaxed_burnin, unrelaxed_fraction
+
+    rate, burnin, draws, thin = 1e-3, 50, 40, 3
+    direct = sum(math.exp(-rate * (burnin + d * thin)) for d in range(draws)) / draws
+    assert unrelaxed_fraction(1e-4, 10.0, burnin, draws, thin) == pytest.approx(direct, rel=1e-12)
+    assert unrelaxed_fraction(1e-4, 0.0, 0, draws) == 0.0  # no localization: nothing to relax to
+    assert unrelaxed_fraction(1e-4, 10.0, 10**7, draws) == pytest.approx(0.0, abs=1e-12)
+    need = relaxed_burnin(1e-4, 10.0, draws, thin, limit=0.5)
+    assert unrelaxed_fraction(1e-4, 10.0, need, draws, thin) <= 0.5 < unrelaxed_fraction(1e-4, 10.0, need - 1,
+                                                                                        draws, thin)
+    assert relaxed_burnin(1e-2, 100.0, draws) == 0
+
+
+def test_unrelaxed_flag_fires_on_short_chains_and_names_the_burnin() -> None:
+    from devinterp_lightning.sampling.estimator import WARM_START_KEEPS
+    from devinterp_lightning.sampling.result import UNRELAXED, relaxed_burnin
+    from devinterp_lightning.sampling.warm_start import ChainOffsets
+
+    case, loader = _case_and_loader()
+    with pytest.warns(RuntimeWarning, match=r"'unrelaxed'.*= 1000 steps.*num_burnin_steps >= \d+"):
+        res = estimate_llc(case.model, case.loss_fn, loader, seed=0, **FAST)  # lr * localization = 1e-3, 25 steps
+    assert UNRELAXED in res.flags and not res.healthy
+    # a DDP merge re-summarizes the gathered traces: the flag travels with them
+    from devinterp_lightning.sampling.distributed import merge_packed, pack_chains
+
+    assert UNRELAXED in merge_packed([pack_chains({"llc": res})], {"llc": res})["llc"].flags
+    need = relaxed_burnin(FAST["lr"], FAST["localization"], FAST["num_draws"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        res = estimate_llc(case.model, case.loss_fn, loader, seed=0, **dict(FAST, num_burnin_steps=need))
+    assert UNRELAXED not in res.flags
+    # warm-started chains carry earlier relaxation that the settings cannot show: not judged
+    assert UNRELAXED in WARM_START_KEEPS
+    warm = ChainOffsets(burnin_steps=5)
+    with pytest.warns(RuntimeWarning, match="unrelaxed"):
+        first = estimate_llcs(case.model, case.loss_fn, {"llc": (loader, None)}, seed=0, warm_start=warm, **FAST)
+    assert UNRELAXED in first["llc"].flags and ("llc",) in warm.offsets
+    second = estimate_llcs(case.model, case.loss_fn, {"llc": (loader, None)}, seed=1, warm_start=warm, **FAST)
+    assert UNRELAXED not in second["llc"].flags and warm.warm_runs == 1
+
+
+def test_the_old_noisy_suite_layout_is_flagged_and_the_documented_one_is_not() -> None:
+    """The settings check alone, on the layouts of docs/validation.md: the old 200 + 800 steps at
+    localization nbeta / 100 (measured -17% .. -26% on the networks, unflagged before) and the
+    documented layout of :func:`suite_layout`."""
+    from devinterp_lightning.sampling.result import UNRELAXED_LIMIT, unrelaxed_fraction
+
+    for row in SUITE_ROWS:
+        batch, _, nbeta, _, k = SUITE_ROWS[row]
+        for h in (1.0, 2.0, 3.0):  # the top Hessian eigenvalues of the suite's cases: 1.02, 2.0, 3.0
+            lr = 0.1 / (nbeta * h * (1 + k * nbeta / batch))
+            assert unrelaxed_fraction(lr, nbeta / 100, 200, 800) > UNRELAXED_LIMIT
+            layout = suite_layout(row, h)
+            assert unrelaxed_fraction(layout["lr"], layout["localization"], layout["num_burnin_steps"],
+                                      layout["num_draws"], layout["num_steps_bw_draws"]) < 0.5
+
+
 # ------------------------------------------------------------------ issue #15 items 3, 4, 9
 
 
@@ -199,10 +260,12 @@ def test_nonfinite_loss_at_the_snapshot_is_blamed_on_the_model(streams: str) -> 
 # ------------------------------------------------------------------ the noisy validation suite (slow)
 #
 # Gaussian label noise sigma = 1, loss = per-sample Gaussian NLL, n = 16384, w* the exact (reduced-
-# rank) least-squares minimiser, 8 chains x 800 draws after 200 burn-in, per-chain batch streams.
-# The documented settings: localization = nbeta / 100 and the step size rule
+# rank) least-squares minimiser, 8 chains, per-chain batch streams. The documented settings
+# (docs/estimator.md, "Noisy data"), with h the top Hessian eigenvalue at w*:
 #     lr = 0.1 / (nbeta * h * (1 + k * nbeta / B)),   k = 1 for i.i.d. batches, 3 in epoch order,
-# with h the top Hessian eigenvalue at w* (docs/estimator.md, "Noisy data").
+#     localization = nbeta * h / 100,
+# so that the directions only the localization holds relax in 1 / (lr * localization) =
+# 1000 * (1 + k * nbeta / B) steps: burn-in for half of that, then 500 draws spread over all of it.
 
 SUITE_ROWS = {
     # name: (batch size, loader mode, nbeta, batch_order, k)
@@ -212,14 +275,23 @@ SUITE_ROWS = {
 }
 
 
+def suite_layout(row: str, h: float) -> dict:
+    """The documented settings of a suite row for a model whose top Hessian eigenvalue is ``h``."""
+    batch, _, nbeta, order, k = SUITE_ROWS[row]
+    lr = 0.1 / (nbeta * h * (1 + k * nbeta / batch))
+    localization = nbeta * h / 100
+    relaxation = 1 / (lr * localization)
+    return dict(lr=lr, nbeta=nbeta, localization=localization, num_burnin_steps=math.ceil(relaxation / 2),
+                num_draws=500, num_steps_bw_draws=math.ceil(relaxation / 500), batch_order=order)
+
+
 def suite_estimate(case, row: str, seed: int):
     from noisy_cases import top_hessian_eigenvalue
 
-    batch, mode, nbeta, order, k = SUITE_ROWS[row]
-    lr = 0.1 / (nbeta * top_hessian_eigenvalue(case) * (1 + k * nbeta / batch))
-    return estimate_llc(case.model, case.loss_fn, make_loader(case, batch, mode, seed), lr=lr, nbeta=nbeta,
-                        localization=nbeta / 100, num_chains=8, num_draws=800, num_burnin_steps=200, seed=seed,
-                        batch_streams="per_chain", batch_order=order)
+    batch, mode, *_ = SUITE_ROWS[row]
+    layout = suite_layout(row, top_hessian_eigenvalue(case))
+    return estimate_llc(case.model, case.loss_fn, make_loader(case, batch, mode, seed), num_chains=8, seed=seed,
+                        batch_streams="per_chain", **layout)
 
 
 # ------------------------------------------------------------------ data fast path (#14 item 3)
@@ -279,17 +351,20 @@ SUITE_CASES = {
     "DLN 3-4-4-3 r2": lambda seed: dln_case([3, 4, 4, 3], 2, n=16384, seed=seed),
 }
 
-# relative-error tolerance per case, from the errors measured over seeds 0-2 in all three rows
-# (docs/validation.md, "Accuracy on noisy data"); CI runs seed 0, the lowest seed of every network row.
-#   linear 4->3 (lambda 6):      +0.1% .. +3.2%, -0.8% .. +1.1%, -1.1% .. +2.3%
-#   RRR 4-4-4 r2 (lambda 7.5):  -18.0% .. +2.5%, -17.9% .. +0.4%, -18.8% .. -5.5%
-#   DLN 3-4-4-3 r2 (lambda 4.5): -25.5% .. -10.0%, -24.2% .. -11.2%, -22.7% .. -10.2%
-# The networks' low values are not minibatch noise: full batch at the same lr gives the same
-# (RRR, nbeta 1000: -20.3% .. -6.5%); they are finite nbeta and too few steps for the small lr.
+# relative-error tolerance per case, from the errors measured over seeds 0-2 in all three rows at the
+# documented settings (docs/validation.md, "Accuracy on noisy data"); CI runs seed 0.
+#   linear 4->3 (lambda 6):      B32 -0.0% .. +3.5%, B128 -0.5% .. +3.3%, B512 -2.2% .. +4.7%
+#   RRR 4-4-4 r2 (lambda 7.5):   B32 -6.7% .. -3.3%, B128 -5.8% .. -3.8%, B512 -11.0% .. -10.4%
+#   DLN 3-4-4-3 r2 (lambda 4.5): B32 -7.5% .. -1.5%, B128 -7.0% .. +0.8%, B512 -12.8% .. -7.1%
+# (stderr 1.9-3.6% of lambda, R-hat <= 1.014, no flag). The networks' B 512 row (nbeta 1000) is the
+# localization's share: at the weaker localization nbeta / 100, relaxed over 4 relaxation times, the
+# same rows read RRR -3.7% .. -2.8% and DLN -5.9% .. -3.3%. The old layout (200 + 800 steps at
+# localization nbeta / 100, a tenth of a relaxation time) read RRR -18.8% .. +2.5% and DLN -25.5% ..
+# -10.0%, and is now flagged "unrelaxed" (test_the_old_noisy_suite_layout_is_flagged_...).
 SUITE_TOLERANCE = {
     "linear 4->3": 0.08,
-    "RRR 4-4-4 r2": 0.25,
-    "DLN 3-4-4-3 r2": 0.30,
+    "RRR 4-4-4 r2": 0.15,
+    "DLN 3-4-4-3 r2": 0.15,
 }
 
 
@@ -299,7 +374,7 @@ SUITE_TOLERANCE = {
 def test_noisy_suite_at_the_documented_settings(name: str, row: str) -> None:
     case = SUITE_CASES[name](0)
     res = suite_estimate(case, row, seed=0)
-    assert MINIBATCH_NOISE not in res.flags, res.flags
+    assert res.healthy, res.flags  # neither minibatch_noise nor unrelaxed, nor any trace flag
     assert abs(res.mean - case.llc) / case.llc < SUITE_TOLERANCE[name], (res.mean, case.llc)
 
 

@@ -48,7 +48,7 @@ from devinterp_lightning.sampling.batches import (
     to_device,
 )
 from devinterp_lightning.sampling.estimator import default_nbeta, estimate_llc
-from devinterp_lightning.sampling.result import LLCResult
+from devinterp_lightning.sampling.result import UNRELAXED, LLCResult
 from devinterp_lightning.sampling.settings import SGLDSettings
 from devinterp_lightning.sampling.sgld import LossModule
 from devinterp_lightning.sampling.snapshot import (
@@ -66,9 +66,9 @@ __all__ = ["calibrate_llc", "CalibrationResult", "Trial"]
 LOCALIZATION_FRACTION = 0.01
 #: MALA acceptance below this marks an lr as too large without running an estimate.
 MIN_ACCEPTANCE = 0.9
-#: Flags that mean "not mixed within the layout" (a smaller lr only makes them worse) and flags
-#: that a smaller lr can cure.
-_MIXING_FLAGS = frozenset({"drifting", "high_rhat"})
+#: Flags that mean "not mixed within the layout" (a smaller lr only makes them worse; a longer
+#: burn-in cures them) and flags that a smaller lr can cure.
+_MIXING_FLAGS = frozenset({"drifting", "high_rhat", UNRELAXED})
 _STEP_FLAGS = frozenset({"diverged", "all_diverged", "minibatch_noise"})
 #: flags that say w* is not a local minimum of the sampled loss (a slope or a saddle)
 _NOT_A_MINIMUM_FLAGS = frozenset({"negative", "below_init"})

@@ -17,11 +17,11 @@ import torch
 from torch import Tensor
 
 from devinterp_lightning.sampling.estimator import MINIBATCH_NOISE, NONFINITE_INIT
-from devinterp_lightning.sampling.result import LLCResult, summarize_chains
+from devinterp_lightning.sampling.result import UNRELAXED, LLCResult, summarize_chains
 
 #: flags the estimator attaches from outside the traces; they travel as 0/1 columns so a merged
 #: result keeps a flag any rank raised
-ESTIMATOR_FLAGS = (MINIBATCH_NOISE, NONFINITE_INIT)
+ESTIMATOR_FLAGS = (MINIBATCH_NOISE, NONFINITE_INIT, UNRELAXED)
 
 __all__ = ["gather_chains", "local_chains", "merge_packed", "pack_chains"]
 

@@ -37,7 +37,14 @@ from devinterp_lightning.sampling.batches import (
     stacked_replacement_streams,
     supports_replacement,
 )
-from devinterp_lightning.sampling.result import LLCResult, summarize_chains
+from devinterp_lightning.sampling.result import (
+    UNRELAXED,
+    UNRELAXED_LIMIT,
+    LLCResult,
+    relaxed_burnin,
+    summarize_chains,
+    unrelaxed_fraction,
+)
 from devinterp_lightning.sampling.settings import SGLDSettings
 from devinterp_lightning.sampling.sgld import ChainBatches, ChainTraces, LossEvaluator, run_chains
 from devinterp_lightning.sampling.snapshot import (
@@ -266,6 +273,8 @@ def estimate_llcs(
             loader = jobs[names[0]][0]
             done = index * settings.total_steps
             report = None if progress is None else (lambda k, done=done: progress(done + k, total))
+            # warm-started chains carry the relaxation of earlier estimates, which the settings cannot show
+            cold = warm_start is None or tuple(names) not in warm_start.offsets
             traces, group_nbeta, bad_start, variances = _run_group(
                 model, loss_fn, loader, [masks_per_job[n] for n in names], anchor, buffers, settings,
                 seed + 7919 * index, device, dtype, report, warm_start, tuple(names),
@@ -289,7 +298,11 @@ def estimate_llcs(
                     result = dataclasses.replace(result, flags=(NONFINITE_INIT,))
                 else:
                     result = _flag_minibatch_noise(result, variances[k], settings.batch_order, name)
+                    if cold and _unrelaxed(settings):
+                        result = dataclasses.replace(result, flags=(*result.flags, UNRELAXED))
                 results[name] = result
+            if cold and bad_start is None and _unrelaxed(settings):
+                warnings.warn(_unrelaxed_message(settings), RuntimeWarning, stacklevel=3)
             if warm_start is not None and any(set(results[n].flags) - WARM_START_KEEPS for n in names):
                 # chains that slid off a saddle or diverged are no sample of the next posterior
                 warm_start.discard(tuple(names))
@@ -297,10 +310,27 @@ def estimate_llcs(
 
 
 #: health flags after which a group's last chain offsets still serve as a warm start: the chains
-#: disagree (``high_rhat``) or the step size is noisy (``minibatch_noise``), but they sample the
-#: posterior; after any other flag (``negative``, ``below_init``, ``drifting``, ``diverged``, ...)
-#: they are dropped and the next estimate of the group starts at ``w*``
-WARM_START_KEEPS = frozenset({"high_rhat", MINIBATCH_NOISE})
+#: disagree (``high_rhat``), the step size is noisy (``minibatch_noise``) or the layout is short
+#: (``unrelaxed``: a warm start is what relaxes them), but they sample the posterior; after any
+#: other flag (``negative``, ``below_init``, ``drifting``, ``diverged``, ...) they are dropped and
+#: the next estimate of the group starts at ``w*``
+WARM_START_KEEPS = frozenset({"high_rhat", MINIBATCH_NOISE, UNRELAXED})
+
+
+def _unrelaxed(settings: SGLDSettings) -> bool:
+    return unrelaxed_fraction(settings.lr, settings.localization, settings.num_burnin_steps, settings.num_draws,
+                              settings.num_steps_bw_draws) > UNRELAXED_LIMIT
+
+
+def _unrelaxed_message(settings: SGLDSettings) -> str:
+    """The ``unrelaxed`` warning: the cause and the burn-in that removes it (the same text for the same
+    settings, so the default warning filter shows it once)."""
+    steps = 1.0 / (settings.lr * settings.localization)
+    need = relaxed_burnin(settings.lr, settings.localization, settings.num_draws, settings.num_steps_bw_draws)
+    return (f"LLC estimate flagged 'unrelaxed': directions that only the localization holds relax in "
+            f"1/(lr * localization) = {steps:.4g} steps, and these chains draw from step "
+            f"{settings.num_burnin_steps} to {settings.total_steps}; on singular models such estimates read low "
+            f"(docs/estimator.md). Use num_burnin_steps >= {need} for this layout, or a larger lr * localization.")
 
 
 def _flag_minibatch_noise(result: LLCResult, variance: float, batch_order: str, name: str) -> LLCResult:
