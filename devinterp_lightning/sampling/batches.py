@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import islice
 from typing import Any
@@ -243,8 +243,8 @@ def chain_streams(
         yield [next(st) for st in streams]
 
 
-def stack_batches(batches: Sequence[Any]) -> Any | None:
-    """The batches stacked leaf by leaf along a new leading dimension, or None when they cannot be
+def _joined(batches: Sequence[Any], join: Callable[[Sequence[Tensor]], Tensor]) -> Any | None:
+    """``join`` applied leaf by leaf across the batches, or None when they cannot be joined
     (different structures, non-tensor leaves or different shapes, e.g. a short last batch)."""
     flat = [tree_flatten(b) for b in batches]
     spec = flat[0][1]
@@ -256,7 +256,19 @@ def stack_batches(batches: Sequence[Any]) -> Any | None:
     for column in columns:
         if not all(isinstance(t, Tensor) for t in column) or len({t.shape for t in column}) > 1:
             return None
-    return tree_unflatten([torch.stack(column) for column in columns], spec)
+    return tree_unflatten([join(column) for column in columns], spec)
+
+
+def stack_batches(batches: Sequence[Any]) -> Any | None:
+    """The batches stacked leaf by leaf along a new leading dimension, or None when they cannot be
+    (different structures, non-tensor leaves or different shapes, e.g. a short last batch)."""
+    return _joined(batches, torch.stack)
+
+
+def concat_batches(batches: Sequence[Any]) -> Any | None:
+    """Batches of equal structure and shapes joined leaf by leaf along their leading dimension
+    (e.g. stacked ``[S, ...]`` stream batches of several steps into one ``[steps * S, ...]``), or None."""
+    return _joined(batches, torch.cat)
 
 
 def batch_size_of(loader: Iterable[Any], first_batch: Any) -> int | None:

@@ -274,7 +274,7 @@ def estimate_llcs(
             done = index * settings.total_steps
             report = None if progress is None else (lambda k, done=done: progress(done + k, total))
             # warm-started chains carry the relaxation of earlier estimates, which the settings cannot show
-            cold = warm_start is None or tuple(names) not in warm_start.offsets
+            unrelaxed = (warm_start is None or tuple(names) not in warm_start.offsets) and _unrelaxed(settings)
             traces, group_nbeta, bad_start, variances = _run_group(
                 model, loss_fn, loader, [masks_per_job[n] for n in names], anchor, buffers, settings,
                 seed + 7919 * index, device, dtype, report, warm_start, tuple(names),
@@ -298,10 +298,10 @@ def estimate_llcs(
                     result = dataclasses.replace(result, flags=(NONFINITE_INIT,))
                 else:
                     result = _flag_minibatch_noise(result, variances[k], settings.batch_order, name)
-                    if cold and _unrelaxed(settings):
+                    if unrelaxed:
                         result = dataclasses.replace(result, flags=(*result.flags, UNRELAXED))
                 results[name] = result
-            if cold and bad_start is None and _unrelaxed(settings):
+            if unrelaxed and bad_start is None:
                 warnings.warn(_unrelaxed_message(settings), RuntimeWarning, stacklevel=3)
             if warm_start is not None and any(set(results[n].flags) - WARM_START_KEEPS for n in names):
                 # chains that slid off a saddle or diverged are no sample of the next posterior

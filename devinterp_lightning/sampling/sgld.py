@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from torch.utils._pytree import tree_leaves, tree_map
 
-from devinterp_lightning.sampling.batches import stack_batches
+from devinterp_lightning.sampling.batches import concat_batches, stack_batches
 from devinterp_lightning.sampling.settings import SGLDSettings
 
 logger = logging.getLogger("devinterp_lightning")
@@ -182,7 +182,7 @@ class LossEvaluator:
             parts = [b.stacked for b in batches] if per_lane else batches
             stacked = None
             if all(p is not None for p in parts):
-                stacked = _concat_leading(parts) if per_lane else stack_batches(parts)
+                stacked = concat_batches(parts) if per_lane else stack_batches(parts)
             if stacked is not None:
                 try:
                     values = self._vmapped_anchor(stacked).detach().float()
@@ -290,19 +290,6 @@ def _lanes_of(stacked: Any, num_lanes: int, index: Tensor | None) -> Any:
     if index is None:
         return stacked
     return tree_map(lambda t: t.index_select(0, index), stacked)
-
-
-def _concat_leading(stacked: list[Any]) -> Any | None:
-    """Stacked stream batches ``[S, ...]`` of several steps joined into one ``[steps * S, ...]``
-    batch (None when their structures or shapes differ)."""
-    flat = [tree_flatten(s) for s in stacked]
-    spec = flat[0][1]
-    if any(f[1] != spec for f in flat):
-        return None
-    columns = list(zip(*(f[0] for f in flat), strict=True))
-    if not columns or any(len({t.shape for t in c}) > 1 for c in columns):
-        return None
-    return tree_unflatten([torch.cat(c) for c in columns], spec)
 
 
 def _batch_bytes(batch: Any) -> int:
