@@ -385,7 +385,10 @@ def noisy_suite(seed: int) -> list:
 # 12.9 .. 13.6) and unflagged. Relaxed 8-chain runs at this localization read +21.8% / +15.6% /
 # +12.0% at lr * stiff 0.0625 / 0.031 / 0.0156, and +2.5% / -7.3% at 3x the localization: what is
 # left is the localized posterior at nbeta = 46 (plus a step bias of a few percent that the 4-chain
-# bias check cannot resolve), not the burn-in. Strict: the test fails as soon as this case passes.
+# bias check cannot resolve), not the burn-in. 8-chain runs at 0.5/1/2/3/4x the localization read
+# +17.1/+17.1/+3.8/-4.9/-14.9%; every DLN of the suite falls with the localization like this, with no
+# plateau, so a localization consistency check would flag good runs too and is not used
+# (docs/calibration.md, "The localization"). Strict: the test fails as soon as this case passes.
 KNOWN_MISS = {"DLN 6-5-4-6 r1": "well-mixed estimate of the localized posterior reads +20.9% (see comment)"}
 SUITE_NAMES = [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_MISS[n])) if n in KNOWN_MISS
                else n for n in suite_cases(0)]
