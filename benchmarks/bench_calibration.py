@@ -24,7 +24,9 @@ term the calibration found, from ``relaxation_steps``), ``--scan-chains`` chains
 The column ``k1 vs 2`` is what a localization consistency check inside the calibration would see:
 the calibration's own trial at the chosen lr (4 chains, its seed) against a trial at twice the
 localization with the same seed and layout rule, judged like the bias check (they agree when the gap
-is at most the paired standard error of the difference plus 5% of the estimate at 2x).
+is at most the paired standard error of the difference plus 5% of the estimate at 2x). ``move`` is
+the variant that moves to the larger localization while the pair disagrees (``_move_rule``), with
+the error of the estimate that follows (``--chains`` chains, seed 100 + seed, as in the main table).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from test_calibrate import half_sse, suite_cases, teacher_dln  # noqa: E402
 
 from devinterp_lightning.sampling.calibrate import calibrate_llc  # noqa: E402
 from devinterp_lightning.sampling.estimator import estimate_llc  # noqa: E402
+from devinterp_lightning.sampling.settings import SGLDSettings  # noqa: E402
 
 
 def main() -> None:
@@ -121,9 +124,11 @@ def _paired_agree(a, b) -> bool:
 
 
 def localization_scan(args: argparse.Namespace, ks: list[float]) -> None:
-    """Relative error of the estimate against lambda at k x the calibrated localization, per run."""
+    """Relative error of the estimate against lambda at k x the calibrated localization, per run; then
+    what the "move" rule (see :func:`_move_rule`) would return, estimated as the main table is."""
     print(f"{'case':>28} {'seed':>4} {'lambda':>7} {'loc':>6} {'lr*stiff':>8} "
-          + " ".join(f"{'x' + format(k, 'g'):>14}" for k in ks) + f" {'k1 vs 2':>8}", flush=True)
+          + " ".join(f"{'x' + format(k, 'g'):>14}" for k in ks)
+          + f" {'k1 vs 2':>8} {'move':>5} {'error':>7} {'steps':>6} {'before':>6}", flush=True)
     for seed in range(args.seeds):
         for name, (model, loss_fn, loader, expected) in suite_cases(seed).items():
             if args.only not in name:
@@ -137,14 +142,42 @@ def localization_scan(args: argparse.Namespace, ks: list[float]) -> None:
                                    num_chains=args.scan_chains, seed=100 + seed, **_relaxed_layout(cal, loc, args))
                 flag = "*" if res.flags else ""
                 cells.append(f"{res.mean / expected - 1:+.1%}±{res.stderr / expected:.1%}{flag}")
-            double = estimate_llc(model, loss_fn, loader, lr=cal.lr, localization=2 * cal.localization,
-                                  nbeta=cal.nbeta, num_chains=cal.estimate.num_chains, seed=seed,
-                                  **_relaxed_layout(cal, 2 * cal.localization, args))
-            verdict = "agree" if _paired_agree(cal.estimate, double) else "DIFFER"
+            trials, extra, chosen = _move_rule(cal, model, loss_fn, loader, seed, args)
+            verdict = "agree" if _paired_agree(trials[1], trials[2]) else "DIFFER"
+            k = chosen or 1
+            layout = _relaxed_layout(cal, k * cal.localization, args)
+            res = estimate_llc(model, loss_fn, loader, lr=cal.lr, localization=k * cal.localization, nbeta=cal.nbeta,
+                               num_chains=args.chains, seed=100 + seed, **layout)
+            per_chain = SGLDSettings(lr=cal.lr, localization=k * cal.localization, **layout).total_steps
+            before = cal.num_steps / cal.settings().total_steps
             stiff = cal.lr * (cal.nbeta * cal.curvature + cal.localization)
             print(f"{name:>28} {seed:>4} {expected:>7.2f} {cal.localization:>6.3g} {stiff:>8.3g} "
-                  + " ".join(f"{c:>14}" for c in cells) + f" {verdict:>8}", flush=True)
-    print("cells: relative error of the estimate (± its stderr, relative to lambda; * = flagged)")
+                  + " ".join(f"{c:>14}" for c in cells)
+                  + f" {verdict:>8} {('x' + str(k)) if chosen else 'NOTOK':>5} {res.mean / expected - 1:>+7.1%} "
+                  f"{(cal.num_steps + extra) / per_chain:>6.2f} {before:>6.2f}", flush=True)
+    print("cells: relative error of the estimate (± its stderr, relative to lambda; * = flagged). move: the "
+          "localization multiple the move rule returns (NOTOK: none agreed); error: the estimate there (chains "
+          "--chains, seed 100 + seed); steps: calibration plus the rule's trials over that estimate, in "
+          "chain-steps per chain; before: the calibration alone over its own recommended estimate")
+
+
+def _move_rule(cal, model, loss_fn, loader, seed: int, args: argparse.Namespace):
+    """The localization "move" rule, measured and not adopted (docs/calibration.md): trials at the
+    calibrated lr with 1, 2, 4, 8 x the localization (4 chains, the calibration's seed, relaxation
+    layout; x1 is the calibration's own trial); the first pair (1, 2), (2, 4), (4, 8) that agrees
+    (:func:`_paired_agree`) gives its smaller multiple, none: not ok. Returns the trials, their
+    chain-steps per chain, and the multiple (None when not ok)."""
+    trials, extra = {1: cal.estimate}, 0
+    for a, b in [(1, 2), (2, 4), (4, 8)]:
+        for k in (a, b):
+            if k not in trials:
+                layout = _relaxed_layout(cal, k * cal.localization, args)
+                extra += SGLDSettings(lr=cal.lr, localization=k * cal.localization, **layout).total_steps
+                trials[k] = estimate_llc(model, loss_fn, loader, lr=cal.lr, localization=k * cal.localization,
+                                         nbeta=cal.nbeta, num_chains=cal.estimate.num_chains, seed=seed, **layout)
+        if _paired_agree(trials[a], trials[b]):
+            return trials, extra, a
+    return trials, extra, None
 
 
 if __name__ == "__main__":
