@@ -2,7 +2,7 @@
 (no hand-set SGLD setting), against the theoretical learning coefficient, on the validation suite.
 
     python benchmarks/bench_calibration.py [--seeds 3] [--burnin 300] [--draws 300] [--chains 4]
-        [--only SUBSTRING]
+        [--only SUBSTRING] [--loc-scan 0.5,1,2,3,4 [--scan-chains 8]]
 
 Cases (``suite_cases`` in tests/test_calibrate.py): the noise-free regular model and deep linear
 networks at their teacher, and the noisy cases of tests/noisy_cases.py (label noise sigma = 1 at
@@ -15,11 +15,24 @@ seconds that neither should be charged for); the machine may be shared, so read 
 the seconds. ``steps`` is the calibration's own count of chain-steps over the estimate's, which
 load cannot distort. ``burn-in`` and ``thin`` are the recommended layout (the relaxation rule of
 ``calibrate_llc`` raises both); ``rhat`` and ``flags`` are the follow-up estimate's.
+
+``--loc-scan K1,K2,..`` measures how the estimate moves with the localization instead: after each
+calibration, one estimate per ``k`` at the calibrated ``lr`` and ``nbeta`` with localization ``k`` times
+the calibrated one, its own relaxation layout (burn-in ``2 / (lr * (k * localization + softest))``
+steps, at least the caller's, at most 10,000, draws spread over as many; ``softest`` is the saddle
+term the calibration found, from ``relaxation_steps``), ``--scan-chains`` chains, seed 100 + seed.
+The column ``k1 vs 2`` is what a localization consistency check inside the calibration would see:
+the calibration's own trial at the chosen lr (4 chains, its seed) against a trial at twice the
+localization with the same seed and layout rule, judged like the bias check (they agree when the gap
+is at most the paired standard error of the difference plus 5% of the estimate at 2x). ``move`` is
+the variant that moves to the larger localization while the pair disagrees (``_move_rule``), with
+the error of the estimate that follows (``--chains`` chains, seed 100 + seed, as in the main table).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import warnings
@@ -34,6 +47,7 @@ from test_calibrate import half_sse, suite_cases, teacher_dln  # noqa: E402
 
 from devinterp_lightning.sampling.calibrate import calibrate_llc  # noqa: E402
 from devinterp_lightning.sampling.estimator import estimate_llc  # noqa: E402
+from devinterp_lightning.sampling.settings import SGLDSettings  # noqa: E402
 
 
 def main() -> None:
@@ -44,6 +58,8 @@ def main() -> None:
     parser.add_argument("--chains", type=int, default=4, help="chains of the estimate that follows")
     parser.add_argument("--only", default="", help="run only the cases whose name contains this")
     parser.add_argument("--rel-tol", type=float, default=None, help="calibrate_llc's rel_tol (default: its own)")
+    parser.add_argument("--loc-scan", default="", help="comma-separated multiples of the calibrated localization")
+    parser.add_argument("--scan-chains", type=int, default=8, help="chains of each --loc-scan estimate")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", RuntimeWarning)
@@ -52,6 +68,9 @@ def main() -> None:
     estimate_llc(warm, half_sse, DataLoader(data, batch_size=64), lr=1e-3, localization=1.0,
                  num_chains=2, num_draws=5)
 
+    if args.loc_scan:
+        localization_scan(args, [float(k) for k in args.loc_scan.split(",")])
+        return
     print(f"{'case':>28} {'seed':>4} {'lambda':>7} {'llc':>8} {'error':>7} {'stderr':>7} {'ok':>5} "
           f"{'trials':>6} {'lr*stiff':>8} {'burn-in':>7} {'thin':>4} {'rhat':>6} {'steps':>6} {'time':>6}  flags",
           flush=True)
@@ -86,6 +105,79 @@ def main() -> None:
     print(f"{within} of {len(errors)} within 15%; max |error| {max(abs(e) for e in errors):.1%}; cost (wall time) median {med(ratios):.2f}x, "
           f"range {min(ratios):.2f}-{max(ratios):.2f}x; chain-steps median {med(step_ratios):.2f}x, "
           f"range {min(step_ratios):.2f}-{max(step_ratios):.2f}x")
+
+
+def _relaxed_layout(cal, localization: float, args: argparse.Namespace) -> dict[str, int]:
+    """The relaxation rule of calibrate_llc at another localization (2 e-folds, at most 10,000 steps)."""
+    softest = 1 / (cal.lr * cal.relaxation_steps) - cal.localization  # 0 unless the calibration saw a saddle
+    span = 2.0 / (cal.lr * (localization + softest))
+    burnin = int(min(max(args.burnin, math.ceil(span)), 10_000))
+    thin = max(1, math.ceil((min(span, 10_000) - 1) / (args.draws - 1)))
+    return {"num_draws": args.draws, "num_burnin_steps": burnin, "num_steps_bw_draws": thin}
+
+
+def _paired_agree(a, b) -> bool:
+    """|a - b| <= paired stderr of the difference (at least half the unpaired one) + 5% of |b|."""
+    diff = (a.per_chain - b.per_chain).double()
+    se = max(float(diff.std()) / math.sqrt(len(diff)), math.hypot(a.stderr, b.stderr) / 2)
+    return abs(a.mean - b.mean) <= se + 0.05 * abs(b.mean)
+
+
+def localization_scan(args: argparse.Namespace, ks: list[float]) -> None:
+    """Relative error of the estimate against lambda at k x the calibrated localization, per run; then
+    what the "move" rule (see :func:`_move_rule`) would return, estimated as the main table is."""
+    print(f"{'case':>28} {'seed':>4} {'lambda':>7} {'loc':>6} {'lr*stiff':>8} "
+          + " ".join(f"{'x' + format(k, 'g'):>14}" for k in ks)
+          + f" {'k1 vs 2':>8} {'move':>5} {'error':>7} {'steps':>6} {'before':>6}", flush=True)
+    for seed in range(args.seeds):
+        for name, (model, loss_fn, loader, expected) in suite_cases(seed).items():
+            if args.only not in name:
+                continue
+            cal = calibrate_llc(model, loss_fn, loader, num_draws=args.draws, num_burnin_steps=args.burnin,
+                                seed=seed)
+            cells = []
+            for k in ks:
+                loc = k * cal.localization
+                res = estimate_llc(model, loss_fn, loader, lr=cal.lr, localization=loc, nbeta=cal.nbeta,
+                                   num_chains=args.scan_chains, seed=100 + seed, **_relaxed_layout(cal, loc, args))
+                flag = "*" if res.flags else ""
+                cells.append(f"{res.mean / expected - 1:+.1%}±{res.stderr / expected:.1%}{flag}")
+            trials, extra, chosen = _move_rule(cal, model, loss_fn, loader, seed, args)
+            verdict = "agree" if _paired_agree(trials[1], trials[2]) else "DIFFER"
+            k = chosen or 1
+            layout = _relaxed_layout(cal, k * cal.localization, args)
+            res = estimate_llc(model, loss_fn, loader, lr=cal.lr, localization=k * cal.localization, nbeta=cal.nbeta,
+                               num_chains=args.chains, seed=100 + seed, **layout)
+            per_chain = SGLDSettings(lr=cal.lr, localization=k * cal.localization, **layout).total_steps
+            before = cal.num_steps / cal.settings().total_steps
+            stiff = cal.lr * (cal.nbeta * cal.curvature + cal.localization)
+            print(f"{name:>28} {seed:>4} {expected:>7.2f} {cal.localization:>6.3g} {stiff:>8.3g} "
+                  + " ".join(f"{c:>14}" for c in cells)
+                  + f" {verdict:>8} {('x' + str(k)) if chosen else 'NOTOK':>5} {res.mean / expected - 1:>+7.1%} "
+                  f"{(cal.num_steps + extra) / per_chain:>6.2f} {before:>6.2f}", flush=True)
+    print("cells: relative error of the estimate (± its stderr, relative to lambda; * = flagged). move: the "
+          "localization multiple the move rule returns (NOTOK: none agreed); error: the estimate there (chains "
+          "--chains, seed 100 + seed); steps: calibration plus the rule's trials over that estimate, in "
+          "chain-steps per chain; before: the calibration alone over its own recommended estimate")
+
+
+def _move_rule(cal, model, loss_fn, loader, seed: int, args: argparse.Namespace):
+    """The localization "move" rule, measured and not adopted (docs/calibration.md): trials at the
+    calibrated lr with 1, 2, 4, 8 x the localization (4 chains, the calibration's seed, relaxation
+    layout; x1 is the calibration's own trial); the first pair (1, 2), (2, 4), (4, 8) that agrees
+    (:func:`_paired_agree`) gives its smaller multiple, none: not ok. Returns the trials, their
+    chain-steps per chain, and the multiple (None when not ok)."""
+    trials, extra = {1: cal.estimate}, 0
+    for a, b in [(1, 2), (2, 4), (4, 8)]:
+        for k in (a, b):
+            if k not in trials:
+                layout = _relaxed_layout(cal, k * cal.localization, args)
+                extra += SGLDSettings(lr=cal.lr, localization=k * cal.localization, **layout).total_steps
+                trials[k] = estimate_llc(model, loss_fn, loader, lr=cal.lr, localization=k * cal.localization,
+                                         nbeta=cal.nbeta, num_chains=cal.estimate.num_chains, seed=seed, **layout)
+        if _paired_agree(trials[a], trials[b]):
+            return trials, extra, a
+    return trials, extra, None
 
 
 if __name__ == "__main__":

@@ -385,7 +385,10 @@ def noisy_suite(seed: int) -> list:
 # 12.9 .. 13.6) and unflagged. Relaxed 8-chain runs at this localization read +21.8% / +15.6% /
 # +12.0% at lr * stiff 0.0625 / 0.031 / 0.0156, and +2.5% / -7.3% at 3x the localization: what is
 # left is the localized posterior at nbeta = 46 (plus a step bias of a few percent that the 4-chain
-# bias check cannot resolve), not the burn-in. Strict: the test fails as soon as this case passes.
+# bias check cannot resolve), not the burn-in. 8-chain runs at 0.5/1/2/3/4x the localization read
+# +17.1/+17.1/+3.8/-4.9/-14.9%; every DLN of the suite falls with the localization like this, with no
+# plateau, so a localization consistency check would flag good runs too and is not used
+# (docs/calibration.md, "The localization"). Strict: the test fails as soon as this case passes.
 KNOWN_MISS = {"DLN 6-5-4-6 r1": "well-mixed estimate of the localized posterior reads +20.9% (see comment)"}
 SUITE_NAMES = [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_MISS[n])) if n in KNOWN_MISS
                else n for n in suite_cases(0)]
@@ -400,3 +403,40 @@ def test_calibrated_estimate_matches_theory(name: str) -> None:
     res = estimate_llc(model, loss_fn, loader, num_chains=4, seed=100, **cal.as_kwargs())
     error = res.mean / expected - 1
     assert abs(error) <= 0.15 or res.flags, f"{error:+.1%}\n{cal.summary()}"
+
+
+def a2b2_closed_form(n: float) -> float:
+    """``nbeta E[a^2 b^2]`` under ``exp(-nbeta a^2 b^2 - localization/2 (a^2 + b^2))``: with ``(a, b) = (u, v) /
+    sqrt(localization)`` it depends only on ``n = nbeta / localization^2``; the v-integral is Gaussian
+    (weight ``c^-1/2`` and ``E[n u^2 v^2 | u] = n u^2 / (2c)`` for ``c = n u^2 + 1/2``), u by quadrature."""
+    u = torch.linspace(0.0, 12.0, 400_001, dtype=torch.float64)
+    c = n * u**2 + 0.5
+    weight = torch.exp(-(u**2) / 2) * c.rsqrt()
+    return float(torch.trapezoid(weight * n * u**2 / (2 * c), u) / torch.trapezoid(weight, u))
+
+
+@pytest.mark.slow
+def test_localization_sets_the_finite_nbeta_estimate_of_a_singular_model() -> None:
+    """Why no localization consistency check (docs/calibration.md, "The localization"): for K = a^2 b^2
+    (lambda = 1/2) the estimate depends on nbeta / localization^2, so it moves with the localization at
+    any nbeta and reads well below lambda (0.354 at n = 100, 0.378 at 400). Measured (16 chains x 1000
+    draws over 10 relaxation times, seed 0): 0.360 +- 0.009 at (nbeta, localization, lr) = (100, 1, 4e-4)
+    and 0.392 +- 0.007 at (400, 1, 2e-4)."""
+
+    class AB(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(2))
+
+    def potential(model, batch):
+        return (model.w[0] * model.w[1]) ** 2 + 0.0 * batch.sum()
+
+    assert a2b2_closed_form(100) == pytest.approx(0.354, abs=1e-3)
+    assert a2b2_closed_form(400) == pytest.approx(0.378, abs=1e-3)
+    for nbeta, localization, lr in [(100.0, 1.0, 4e-4), (400.0, 1.0, 2e-4)]:
+        relax = 1 / (lr * localization)
+        res = estimate_llc(AB(), potential, [torch.zeros(1)], lr=lr, localization=localization, nbeta=nbeta,
+                           num_chains=16, num_draws=1000, num_burnin_steps=int(3 * relax),
+                           num_steps_bw_draws=int(10 * relax / 1000), seed=0)
+        expected = a2b2_closed_form(nbeta / localization**2)
+        assert not res.flags and res.mean == pytest.approx(expected, abs=max(0.03, 3 * res.stderr)), (nbeta, res)
