@@ -1,7 +1,7 @@
 """Stage detection on a suite of shapes and noises: precision, recall, exactly-k rate, onset error,
 confirmation delay and false alarms, with each series replayed point by point as in training.
 
-    python benchmarks/bench_stages.py [--seeds 100] [--detector plateau|binseg|turning] [--noise-model residual]
+    python benchmarks/bench_stages.py [--seeds 100] [--detector plateau|binseg|turning] [--noise-model auto|split|variogram|residual]
 
 Shapes (100 points unless said; ``A`` is the amplitude of a rise, the noise has marginal sd 1):
 
@@ -266,8 +266,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--amplitudes", type=float, nargs="+", default=[8.0, 4.0])
     p.add_argument("--phis", type=float, nargs="+", default=[0.0, 0.5, 0.8])
     p.add_argument("--shapes", nargs="+", default=None)
-    p.add_argument("--noise-model", default="variogram", choices=["variogram", "residual"],
-                   help="PlateauTracker(noise_model=...)")
+    p.add_argument("--noise-model", default="auto", choices=["auto", "split", "variogram", "residual"],
+                   help="PlateauTracker(noise_model=...); auto: split for the synthetic shapes (no stderr), "
+                        "variogram for the recorded series (with stderr)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--cost", action="store_true", help="only measure the time per update")
     args = p.parse_args(argv)

@@ -32,13 +32,14 @@ from bench_stages import ar1, run_cell, shapes  # noqa: E402
 
 SHAPES = {s.name: s for s in shapes()}
 
-# bounds of the slow test, from the 100-seed benchmark (docs/stages.md), two series of room each:
-# measured false alarms 0/100 (i.i.d.) and 2/100 (AR(1), phi = 0.5); exactly one transition on
-# rise-10 in 100/100, exactly two on stairs-2 in 97/100
-SLOW_FLAT_IID = 0.02
-SLOW_FLAT_AR = 0.04
-SLOW_RISE = 0.98
-SLOW_STAIRS = 0.95
+# bounds of the slow test, from the 100-seed benchmark (docs/stages.md, the default noise model "split"
+# for these series without a stderr), two series of room each and never looser than the targets of
+# issue #12 (false alarms <= 5%, one rise >= 90%, two stairs >= 85%). Measured: false alarms 0 / 1 / 3
+# of 100 at phi = 0 / 0.5 / 0.8; exactly one transition on rise-10 in 100 / 98 of 100 at phi = 0 / 0.8;
+# exactly two on stairs-2 in 98 / 88 / 88 of 100 at phi = 0 / 0.5 / 0.8
+SLOW_FLAT = {0.0: 0.02, 0.5: 0.03, 0.8: 0.05}
+SLOW_RISE = {0.0: 0.98, 0.8: 0.96}
+SLOW_STAIRS = {0.0: 0.96, 0.5: 0.86, 0.8: 0.86}
 
 
 def test_smoothing_half_width_formula():
@@ -164,32 +165,80 @@ def test_tracker_validates_its_settings():
         PlateauTracker("m", min_size=1)
     with pytest.raises(ValueError, match="max_points"):
         PlateauTracker("m", max_points=4)
+    with pytest.raises(ValueError, match="significance_margin"):
+        PlateauTracker("m", significance_margin=-1.0)
+
+
+def test_auto_noise_model_is_split_without_a_stderr_and_variogram_with_one():
+    tracker = PlateauTracker("m")
+    assert tracker.resolved_noise_model(None) == "split"
+    assert tracker.resolved_noise_model([math.nan] * 5) == "split"  # a loss read from callback_metrics
+    assert tracker.resolved_noise_model([math.nan, 0.2, math.nan]) == "variogram"  # an LLC series
+    assert PlateauTracker("m", noise_model="residual").resolved_noise_model(None) == "residual"
+
+
+def test_split_model_fits_with_the_central_level_and_tests_with_the_upper_one():
+    """On a two-stair series with AR(1) noise the split model's upper level is above its central one; the
+    segments it returns are those of a fit at the central level, and every reported change passes the
+    z-test at the upper level."""
+    x = SHAPES["stairs-2"].curve(np.arange(100.0), 8.0) + ar1(np.random.default_rng(3), 100, 0.8)
+    tracker = PlateauTracker("m", noise_model="split")
+    segs, found, test_scale = tracker.fit(x)
+    assert test_scale == tracker.last_noise.long_run
+    central = PlateauTracker("m", noise_model="split", significance_margin=0.0)
+    central_segs, _, central_scale = central.fit(x)
+    assert central_scale < test_scale
+    assert [(g.start, g.end, g.kind) for g in segs] == [(g.start, g.end, g.kind) for g in central_segs]
+    assert found and all(c.z >= tracker.z_change for c in found)
+    assert [c.direction for c in found] == ["increase", "increase"]
+
+
+def test_a_line_with_no_significant_slope_counts_as_a_plateau():
+    """A ramp segment long enough and with |slope_z| < z_plateau (a line fitted at a lower noise level
+    than the tests use, on the tail of a smooth jump) separates two rises; with a significant slope the
+    two rises and the line are one change."""
+    from devinterp_lightning.stages.plateaus import Segment
+
+    def segs(slope_z: float) -> list[Segment]:
+        return [Segment(0, 30, "flat", 0.0, 0.0), Segment(30, 34, "ramp", 1.0, 2.0, 9.0),
+                Segment(34, 66, "ramp", 8.0, 0.01, slope_z), Segment(66, 70, "ramp", 9.0, 2.0, 9.0),
+                Segment(70, 100, "flat", 16.0, 0.0)]
+
+    two = changes(segs(1.5), 1.0)
+    assert [(c.onset, c.direction) for c in two] == [(30, "increase"), (66, "increase")]
+    assert two[0].level_after == pytest.approx(8.0) and two[1].level_before == pytest.approx(8.0 + 0.01 * 31)
+    assert [(c.onset, c.end) for c in changes(segs(4.0), 1.0)] == [(30, 70)]
 
 
 def test_suite_headline_few_seeds():
     """30 seeds of the benchmark's cells (benchmarks/bench_stages.py uses the same series).
 
-    Measured with these seeds: rise-10 (A = 8, i.i.d.) exactly one transition in 29 of 30 series,
-    median onset error 3 points; flat AR(1) noise, phi = 0.5: 1 of 30 series with a false transition.
-    The bounds allow one series more either way.
+    Measured with these seeds: rise-10 (A = 8, i.i.d.) exactly one transition in 30 of 30 series,
+    median onset error 2 points; flat AR(1) noise at phi = 0.5: no false transition in 30 series, at
+    phi = 0.8: 2 of 30; two stairs at phi = 0.8: exactly two in 28 of 30. The bounds allow one or two
+    series more either way.
     """
     rise = run_cell(SHAPES["rise-10"], 8.0, 0.0, range(30), "plateau")
     flat = run_cell(SHAPES["flat"], 1.0, 0.5, range(30), "plateau")
+    flat_ar = run_cell(SHAPES["flat"], 1.0, 0.8, range(30), "plateau")
+    stairs_ar = run_cell(SHAPES["stairs-2"], 8.0, 0.8, range(30), "plateau")
     print(f"rise-10 exact {rise['exact'] * 30:.0f}/30, onset err {rise['onset_err']}; "
-          f"flat phi=0.5 any {flat['any'] * 30:.0f}/30")
-    assert rise["exact"] >= 28 / 30 and rise["recall"] >= 0.85
+          f"flat any {flat['any'] * 30:.0f}/30 (phi 0.5), {flat_ar['any'] * 30:.0f}/30 (phi 0.8); "
+          f"stairs-2 phi 0.8 exact {stairs_ar['exact'] * 30:.0f}/30")
+    assert rise["exact"] >= 29 / 30 and rise["recall"] >= 0.85
     assert rise["onset_err"] <= 4
-    assert flat["any"] <= 2 / 30
+    assert flat["any"] <= 1 / 30 and flat_ar["any"] <= 3 / 30
+    assert stairs_ar["exact"] >= 26 / 30
 
 
 def test_residual_noise_model_keeps_the_second_stair_under_ar1_noise():
-    """stairs-2 with AR(1) noise, phi = 0.5, seeds 0-29: exactly two transitions in 15 of 30 series with the
-    default noise model and in 26 of 30 with noise_model="residual"; flat noise of the same kind gives
+    """stairs-2 with AR(1) noise, phi = 0.5, seeds 0-29: exactly two transitions in 15 of 30 series with
+    noise_model="variogram" and in 26 of 30 with noise_model="residual"; flat noise of the same kind gives
     0 and 1 false alarms. Bounds: two series of room."""
-    default = run_cell(SHAPES["stairs-2"], 8.0, 0.5, range(30), "plateau")
+    variogram = run_cell(SHAPES["stairs-2"], 8.0, 0.5, range(30), "plateau", noise_model="variogram")
     residual = run_cell(SHAPES["stairs-2"], 8.0, 0.5, range(30), "plateau", noise_model="residual")
     flat = run_cell(SHAPES["flat"], 1.0, 0.5, range(30), "plateau", noise_model="residual")
-    assert residual["exact"] >= 24 / 30 and default["exact"] <= 17 / 30
+    assert residual["exact"] >= 24 / 30 and variogram["exact"] <= 17 / 30
     assert flat["any"] <= 3 / 30
     with pytest.raises(ValueError, match="noise_model"):
         PlateauTracker("m", noise_model="ratio")  # type: ignore[arg-type]
@@ -224,16 +273,18 @@ def test_recorded_superposition_series_has_one_late_increase():
 @pytest.mark.slow
 def test_suite_headline_many_seeds():
     """100 seeds per cell: the docs/stages.md table (see there for the measured values)."""
-    cells = {
-        ("flat", 1.0, 0.0): None, ("flat", 1.0, 0.5): None, ("rise-10", 8.0, 0.0): None, ("stairs-2", 8.0, 0.0): None,
-    }
-    for name, a, phi in cells:
-        cells[name, a, phi] = run_cell(SHAPES[name], a, phi, range(100), "plateau")
-        print(name, a, phi, cells[name, a, phi])
-    assert cells["flat", 1.0, 0.0]["any"] <= SLOW_FLAT_IID
-    assert cells["flat", 1.0, 0.5]["any"] <= SLOW_FLAT_AR
-    assert cells["rise-10", 8.0, 0.0]["exact"] >= SLOW_RISE
-    assert cells["stairs-2", 8.0, 0.0]["exact"] >= SLOW_STAIRS
+    cells = [("flat", phi) for phi in SLOW_FLAT] + [("rise-10", phi) for phi in SLOW_RISE]
+    cells += [("stairs-2", phi) for phi in SLOW_STAIRS]
+    rows = {}
+    for name, phi in cells:
+        rows[name, phi] = run_cell(SHAPES[name], 1.0 if name == "flat" else 8.0, phi, range(100), "plateau")
+        print(name, phi, rows[name, phi])
+    for phi, bound in SLOW_FLAT.items():
+        assert rows["flat", phi]["any"] <= bound, phi
+    for phi, bound in SLOW_RISE.items():
+        assert rows["rise-10", phi]["exact"] >= bound, phi
+    for phi, bound in SLOW_STAIRS.items():
+        assert rows["stairs-2", phi]["exact"] >= bound, phi
 
 
 @pytest.mark.slow

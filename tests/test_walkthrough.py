@@ -671,6 +671,15 @@ COMMANDS: dict[str, Entry] = {
         Entry(phase=5, timeout=600, slow=True, check=_lines_in_output("| ramp |", "| rise-fall |"),
               instead="python benchmarks/bench_stages.py --seeds 5 --amplitudes 8 --phis 0 --shapes rise-3 rise-30 "
                       "fall-10 fall-30 stairs-3 rise-fall ramp plateau-ramp", why=FEWER_SEEDS),
+    "python benchmarks/bench_stages.py --seeds 100 --amplitudes 8 --phis 0.5 0.8 --shapes rise-3 rise-30 fall-10 "
+    "fall-30 stairs-3 rise-fall ramp":
+        Entry(phase=5, timeout=600, slow=True, check=_lines_in_output("| fall-30 |", "| rise-fall |"),
+              instead="python benchmarks/bench_stages.py --seeds 5 --amplitudes 8 --phis 0.5 0.8 --shapes rise-3 "
+                      "rise-30 fall-10 fall-30 stairs-3 rise-fall ramp", why=FEWER_SEEDS),
+    "python benchmarks/bench_stages.py --seeds 100 --amplitudes 4 --phis 0 0.5 0.8 --shapes rise-10 stairs-2 ramp":
+        Entry(phase=5, timeout=600, slow=True, check=_lines_in_output("| rise-10 | 4 |", "| stairs-2 | 4 |"),
+              instead="python benchmarks/bench_stages.py --seeds 5 --amplitudes 4 --phis 0 0.5 0.8 --shapes rise-10 "
+                      "stairs-2 ramp", why=FEWER_SEEDS),
     "python benchmarks/bench_stages.py --seeds 100 --detector binseg --amplitudes 8 --phis 0 0.5 0.8 --shapes flat "
     "rise-10 stairs-2":
         Entry(phase=5, timeout=600, slow=True, check=_lines_in_output("| flat |"),

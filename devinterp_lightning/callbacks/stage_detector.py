@@ -67,8 +67,10 @@ class StageDetector(Callback):
             ``"bottomup"``: shifts of a piecewise-constant mean with ruptures
             (:class:`~devinterp_lightning.stages.changepoints.ChangepointTracker`).
         penalty_scale, min_size, confirm, max_points: settings of that tracker (``None``: its default).
-        noise_model: ``method="plateau"`` only: ``"variogram"`` (the tracker's default) or the opt-in
-            ``"residual"`` noise estimate (docs/stages.md, "The residual noise model"); ``None``: the default.
+        noise_model: ``method="plateau"`` only: ``"auto"`` (the tracker's default: ``"variogram"`` for a
+            series with reported standard errors such as the LLC, ``"split"`` for one without such as the
+            loss), ``"split"``, ``"variogram"`` or ``"residual"`` (docs/stages.md, "Noise models");
+            ``None``: the default.
         turning_points: also report turning points (slope sign changes). Off by default: their false-alarm
             rate on autocorrelated noise is above 5% (docs/stages.md).
         turning_window, turning_z: turning-point settings

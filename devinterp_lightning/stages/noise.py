@@ -20,9 +20,9 @@ The variogram ratio ``gamma(2) / gamma(1) - 1`` is a noisy estimate of ``phi`` o
 (standard deviation 0.16-0.17 over 100 points at ``phi`` = 0.5 and 0.8, against 0.07-0.09 for the
 lag-1 autocorrelation, measured over 400 series). :func:`segment_noise` estimates ``phi`` from the
 lag-1 autocorrelation of the residuals of a segment fit, corrected exactly for the bias of fitting a
-level or a line to each segment (``PlateauTracker(noise_model="residual")``); it reads the curvature of
-a smooth curve that a piecewise-linear fit leaves in its residuals as autocorrelation, which is why it
-is not the tracker's default (docs/stages.md).
+level or a line to each segment; it reads the curvature of a smooth curve that a piecewise-linear fit
+leaves in its residuals as autocorrelation. ``PlateauTracker(noise_model="split")`` therefore fits with
+the smaller of the two estimates and tests with this one raised by a margin (docs/stages.md).
 """
 
 from __future__ import annotations

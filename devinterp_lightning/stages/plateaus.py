@@ -7,13 +7,27 @@ plateau before it ends.
 
 **Noise.** The long-run noise level ``sigma_lr`` (:mod:`~devinterp_lightning.stages.noise`, AR(1))
 is estimated twice per fit: from median-based variograms (robust to the jumps of a step), then from
-the residuals of a first fit, leaving out the pairs of points across its segment boundaries, across
-the previous update's boundaries and across confirmed transitions. ``noise_model="residual"`` takes
-the second estimate from the lag-1 autocorrelation of those residuals instead, corrected exactly for
-the bias of fitting a level or a line to each segment
-(:func:`~devinterp_lightning.stages.noise.segment_noise`): better on autocorrelated noise around
-plateaus and steps, worse on smooth real curves, whose curvature it reads as autocorrelation
-(docs/stages.md has both measured).
+the residuals of a first fit. Two estimates of the second kind exist: the lag-1 / lag-2 variograms of
+the residuals, leaving out the pairs of points across the first fit's segment boundaries, across the
+previous update's boundaries and across confirmed transitions
+(:func:`~devinterp_lightning.stages.noise.estimate_long_run_noise`); and the lag-1 autocorrelation of
+the residuals, corrected exactly for the bias of fitting a level or a line to each segment
+(:func:`~devinterp_lightning.stages.noise.segment_noise`). Each is raised by a margin of standard
+errors on ``phi`` (an estimate that is too low turns autocorrelated noise into changes). The
+``noise_model`` decides how they are used:
+
+* ``"split"`` (the default for a series without reported standard errors, such as a loss): the
+  segments are fitted with a *central* level, the smaller of the two estimates with no margin (each
+  is inflated only by structure the first fit missed: the variograms by the misfit beside a smooth
+  jump, the autocorrelation by the curvature of a smooth curve), and every z-test (``z_change``,
+  ``z_sharp``) uses an *upper* level, the bias-corrected estimate raised by ``significance_margin``
+  standard errors. A noise level that is too high merges the stairs of a staircase into one ramp; one
+  that is too low turns autocorrelated noise into changes. With one level for both, no margin
+  avoids both on 100 points of AR(1) noise at ``phi = 0.8`` (docs/stages.md).
+* ``"variogram"`` (the default for a series with reported standard errors, such as the LLC, whose
+  points are independent estimates): one level, the variogram estimate raised by ``noise_margin``.
+* ``"residual"``: one level, the bias-corrected estimate raised by ``noise_margin``; it reads the
+  curvature of a smooth curve as autocorrelation.
 
 **Segmentation.** The series, divided by ``sigma_lr``, is cut into segments by exact optimal
 partitioning (dynamic programming). Each segment is either *flat* (one level) or a *ramp* (a
@@ -30,7 +44,8 @@ first, which leaves steps and ramps untouched (a monotone triple is its own medi
 
 **Transitions.** A plateau is a flat segment of at least ``min_plateau`` points whose slope has a
 z-score below ``z_plateau``, or a shorter one bounded by two sharp jumps (the first and the last
-segment count when flat; :func:`changes`). Everything between two
+segment count when flat; :func:`changes`); with ``noise_model="split"`` also a line of at least
+``min_plateau`` points whose slope is not significant at the test level. Everything between two
 plateaus (ramps, short levels, jumps) is one change; a change whose ramps switch sign (a rise straight
 into a fall) is split at the peak. Each part becomes a transition when the levels on its two sides
 pass a z-test,
@@ -69,7 +84,7 @@ from devinterp_lightning.stages.noise import NoiseLevel, estimate_long_run_noise
 __all__ = ["Change", "PlateauTracker", "Segment", "changes", "despike", "detect_transitions", "fit_segments"]
 
 SegmentKind = Literal["flat", "ramp"]
-NoiseModel = Literal["variogram", "residual"]
+NoiseModel = Literal["auto", "split", "variogram", "residual"]
 
 
 @dataclass(frozen=True)
@@ -136,8 +151,12 @@ def fit_segments(
     penalty_scale: float = 3.0,
     z_slope: float = 3.0,
     min_size: int = 3,
+    slope_scale: float | None = None,
 ) -> list[Segment]:
     """Optimal flat-or-ramp segmentation of ``values`` with noise ``scale`` (see the module docstring).
+
+    ``slope_scale``: the noise level in whose unit ``Segment.slope_z`` is given (default ``scale``;
+    ``noise_model="split"`` fits with a central level and judges slopes at an upper one).
 
     Exact optimal partitioning: all ``O(n**2)`` segment costs come from cumulative sums in one
     vectorised pass, then the recursion ``F(e) = min_s F(s) + cost(s, e) + penalty`` takes one
@@ -158,6 +177,7 @@ def fit_segments(
     cyy = np.concatenate([zero, np.cumsum(z * z)])
     cty = np.concatenate([zero, np.cumsum(t * z)])
     beta = penalty_scale * math.log(max(n, 2))
+    slope_ratio = max(float(slope_scale) / scale, 1.0) if slope_scale is not None else 1.0
     slope_pen = max(z_slope**2, beta)
 
     def costs(s: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -193,7 +213,7 @@ def fit_segments(
         bounds.reverse()
     out: list[Segment] = []
     for a, b in zip(bounds, bounds[1:], strict=False):
-        sz = float(slope_z_m[a, b])
+        sz = float(slope_z_m[a, b]) / slope_ratio
         m = b - a
         if bool(ramp_m[a, b]):
             # intercept at the first point: mean - slope * (mean abscissa - start)
@@ -231,6 +251,15 @@ def changes(
     k = 0
     segs = list(segments)
 
+    def variance(sg: Segment) -> float:  # of its fitted end, in units of scale**2
+        return (1.0 if sg.kind == "flat" else 4.0) / min(sg.size, level_points)
+
+    def start_of(sg: Segment) -> tuple[float, float]:
+        return sg.first, variance(sg)
+
+    def end_of(sg: Segment) -> tuple[float, float]:
+        return sg.last, variance(sg)
+
     def jump_z(a: Segment, b: Segment) -> float:
         va = 1.0 / min(a.size, level_points) if a.kind == "flat" else 4.0 / min(a.size, level_points)
         vb = 1.0 / min(b.size, level_points) if b.kind == "flat" else 4.0 / min(b.size, level_points)
@@ -238,7 +267,9 @@ def changes(
 
     def plateau(sg: Segment) -> bool:
         if sg.kind != "flat":
-            return False
+            # a line fitted at a lower noise level than the tests use (noise_model="split") whose slope
+            # is not significant at the test level: the tail of a smooth jump inside a plateau
+            return sg.size >= min_plateau and abs(sg.slope_z) < z_plateau
         if sg is segs[0] or sg is segs[-1]:
             return True
         if abs(sg.slope_z) >= z_plateau:
@@ -257,7 +288,7 @@ def changes(
     prev_sharp = False
     while k < len(segs):
         if plateau(segs[k]):
-            prev = (segs[k].first, 1.0 / min(segs[k].size, level_points))
+            prev = end_of(segs[k])
             prev_sharp = sharp(segs[k])
             k += 1
             continue
@@ -282,7 +313,8 @@ def changes(
         for p, part in enumerate(parts):
             is_last = p == len(parts) - 1
             if is_last and after_flat is not None:
-                end_level, v_end, end = after_flat.first, 1.0 / min(after_flat.size, level_points), after_flat.start
+                end_level, v_end = start_of(after_flat)
+                end = after_flat.start
             else:
                 tail = part[-1]
                 end_level, v_end, end = tail.last, 4.0 / min(tail.size, level_points), tail.end
@@ -291,7 +323,7 @@ def changes(
             prev = (part[-1].last, 4.0 / min(part[-1].size, level_points))
             prev_sharp = False
         if after_flat is not None:
-            prev = (after_flat.first, 1.0 / min(after_flat.size, level_points))
+            prev = end_of(after_flat)
             prev_sharp = sharp(after_flat)
             k = j + 1
         else:
@@ -299,8 +331,7 @@ def changes(
     # plateau-to-plateau jumps (no ramp between two flat segments)
     for a, b in zip(segs, segs[1:], strict=False):
         if plateau(a) and plateau(b):
-            _add(out, b.start, b.start, (a.first, 1.0 / min(a.size, level_points)),
-                 (b.first, 1.0 / min(b.size, level_points)), scale, z_change, sharp(a))
+            _add(out, b.start, b.start, end_of(a), start_of(b), scale, z_change, sharp(a))
     out.sort(key=lambda c: c.onset)
     return out
 
@@ -350,12 +381,16 @@ class PlateauTracker(Tracker):
         noise: ``None`` to estimate the noise at every refit with
             :func:`~devinterp_lightning.stages.noise.estimate_long_run_noise`, or a fixed long-run
             ``sigma_lr``.
-        noise_margin: the estimated AR(1) coefficient is raised by this many standard errors
+        noise_margin: for ``noise_model="variogram"`` / ``"residual"``: the estimated AR(1)
+            coefficient is raised by this many standard errors
             (:func:`~devinterp_lightning.stages.noise.estimate_long_run_noise`,
             :func:`~devinterp_lightning.stages.noise.segment_noise`).
-        noise_model: how the second noise estimate reads the residuals of the first fit:
-            ``"variogram"`` (lag-1 / lag-2 variogram ratio) or ``"residual"`` (bias-corrected lag-1
-            autocorrelation); module docstring.
+        noise_model: ``"auto"`` (``"variogram"`` when the series has a finite reported standard error,
+            else ``"split"``), ``"split"`` (segments from a central noise level, z-tests from an upper
+            one), ``"variogram"`` or ``"residual"`` (one level from the lag-1 / lag-2 variogram ratio or
+            from the bias-corrected lag-1 autocorrelation of the residuals); module docstring.
+        significance_margin: for ``"split"``: standard errors the upper level's AR(1) coefficient is
+            raised by.
         min_points: no fit before the series has this many points.
     """
 
@@ -375,7 +410,8 @@ class PlateauTracker(Tracker):
         max_points: int = 300,
         noise: float | None = None,
         noise_margin: float = 2.0,
-        noise_model: NoiseModel = "variogram",
+        noise_model: NoiseModel = "auto",
+        significance_margin: float = 4.0,
         min_points: int = 10,
     ) -> None:
         if min_size < 2:
@@ -385,6 +421,9 @@ class PlateauTracker(Tracker):
         if penalty_scale <= 0 or z_slope <= 0 or z_change <= 0:
             raise ValueError("penalty_scale, z_slope and z_change must be > 0, got "
                              f"{penalty_scale}, {z_slope}, {z_change}")
+        if noise_margin < 0 or significance_margin < 0:
+            raise ValueError("noise_margin and significance_margin are numbers of standard errors and must be "
+                             f">= 0, got {noise_margin}, {significance_margin}")
         if noise_model not in get_args(NoiseModel):
             raise ValueError(f"noise_model must be one of {get_args(NoiseModel)}, got {noise_model!r}")
         if max_points < 2 * min_size:
@@ -403,6 +442,7 @@ class PlateauTracker(Tracker):
         self.noise = noise
         self.noise_margin = float(noise_margin)
         self.noise_model = noise_model
+        self.significance_margin = float(significance_margin)
         self.min_points = max(int(min_points), 2 * int(min_size))
         self._confirmed: list[_Confirmed] = []
         self._pending: list[_Candidate] = []
@@ -423,28 +463,52 @@ class PlateauTracker(Tracker):
         if self.noise is not None:
             self.last_noise = NoiseLevel(float(self.noise), 0.0, float(self.noise))
             x = despike(x, self.last_noise.sigma)
-        else:
-            # first pass: median-based variograms, which the jumps of a step barely move; second pass:
-            # the variograms of the residuals inside the first fit's segments and outside the known
-            # transitions (pairs across them left out), which neither a jump nor a ramp inflates
-            first = estimate_long_run_noise(x, stderrs, robust=True, margin=0.0, phi_max=0.5)
-            x = despike(x, first.sigma)
-            segs = fit_segments(x, first.long_run, penalty_scale=self.penalty_scale, z_slope=self.z_slope,
-                                min_size=self.min_size)
-            if self.noise_model == "residual":
-                self.last_noise = segment_noise(x, [(s.start, s.end, s.kind == "ramp") for s in segs], stderrs,
-                                                margin=self.noise_margin)
-                scale = self.last_noise.long_run
-                segs = fit_segments(x, scale, penalty_scale=self.penalty_scale, z_slope=self.z_slope,
-                                    min_size=self.min_size)
-                return segs, changes(segs, scale, z_change=self.z_change, min_plateau=self.min_plateau), scale
-            trend = np.concatenate([[s.value_at(i) for i in range(s.start, s.end)] for s in segs])
-            breaks = {s.start for s in segs[1:]} | {i for a, b in known for i in range(max(a, 1), b + 1)}
-            breaks |= {b for b in previous if 0 < b < x.size}
-            self.last_noise = estimate_long_run_noise(x - trend, stderrs, breaks=sorted(breaks), margin=self.noise_margin)
-        scale = self.last_noise.long_run
-        segs = fit_segments(x, scale, penalty_scale=self.penalty_scale, z_slope=self.z_slope, min_size=self.min_size)
-        return segs, changes(segs, scale, z_change=self.z_change, min_plateau=self.min_plateau), scale
+            return self._segment(x, self.last_noise.long_run, self.last_noise.long_run)
+        # first pass: median-based variograms, which the jumps of a step barely move
+        first = estimate_long_run_noise(x, stderrs, robust=True, margin=0.0, phi_max=0.5)
+        x = despike(x, first.sigma)
+        segs = fit_segments(x, first.long_run, penalty_scale=self.penalty_scale, z_slope=self.z_slope,
+                            min_size=self.min_size)
+        spans = [(s.start, s.end, s.kind == "ramp") for s in segs]
+        model = self.resolved_noise_model(stderrs)
+        if model == "residual":
+            self.last_noise = segment_noise(x, spans, stderrs, margin=self.noise_margin)
+            return self._segment(x, self.last_noise.long_run, self.last_noise.long_run)
+        if model == "variogram":
+            self.last_noise = self._variogram_noise(x, segs, stderrs, known, previous, self.noise_margin)
+            return self._segment(x, self.last_noise.long_run, self.last_noise.long_run)
+        # split: the segments from the central estimate (the smaller of the two, each inflated only by
+        # structure the first fit missed), the z-tests from the residual estimate's upper bound
+        central = min(self._variogram_noise(x, segs, stderrs, known, previous, 0.0),
+                      segment_noise(x, spans, stderrs, margin=0.0), key=lambda n: n.long_run)
+        upper = segment_noise(x, spans, stderrs, margin=self.significance_margin)
+        self.last_noise = upper if upper.long_run >= central.long_run else central
+        return self._segment(x, central.long_run, self.last_noise.long_run)
+
+    def resolved_noise_model(self, stderrs: Sequence[float] | None = None) -> str:
+        """The noise model a fit uses: ``noise_model``, or for ``"auto"``: ``"variogram"`` when any
+        reported standard error is finite (an LLC series), else ``"split"``."""
+        if self.noise_model != "auto":
+            return self.noise_model
+        has_stderr = stderrs is not None and bool(np.isfinite(np.asarray(stderrs, dtype=float)).any())
+        return "variogram" if has_stderr else "split"
+
+    @staticmethod
+    def _variogram_noise(x: np.ndarray, segs: Sequence[Segment], stderrs: Sequence[float] | None,
+                         known: Sequence[tuple[int, int]], previous: Sequence[int], margin: float) -> NoiseLevel:
+        """Variograms of the residuals inside the segments of ``segs`` and outside the known
+        transitions (pairs across them left out), which neither a jump nor a ramp inflates."""
+        trend = np.concatenate([[s.value_at(i) for i in range(s.start, s.end)] for s in segs])
+        breaks = {s.start for s in segs[1:]} | {i for a, b in known for i in range(max(a, 1), b + 1)}
+        breaks |= {b for b in previous if 0 < b < x.size}
+        return estimate_long_run_noise(x - trend, stderrs, breaks=sorted(breaks), margin=margin)
+
+    def _segment(self, x: np.ndarray, scale: float, test_scale: float) -> tuple[list[Segment], list[Change], float]:
+        """Segments fitted with noise ``scale``; changes whose level differences pass the z-tests at
+        ``test_scale`` (``changes`` uses its scale for nothing else)."""
+        segs = fit_segments(x, scale, penalty_scale=self.penalty_scale, z_slope=self.z_slope, min_size=self.min_size,
+                            slope_scale=test_scale)
+        return segs, changes(segs, test_scale, z_change=self.z_change, min_plateau=self.min_plateau), test_scale
 
     def _known(self, c: Change, start: int) -> bool:
         """Whether ``c`` is a confirmed transition seen again: an onset within ``tolerance`` points;
