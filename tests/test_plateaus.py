@@ -36,10 +36,10 @@ SHAPES = {s.name: s for s in shapes()}
 # for these series without a stderr), two series of room each and never looser than the targets of
 # issue #12 (false alarms <= 5%, one rise >= 90%, two stairs >= 85%). Measured: false alarms 0 / 1 / 3
 # of 100 at phi = 0 / 0.5 / 0.8; exactly one transition on rise-10 in 100 / 98 of 100 at phi = 0 / 0.8;
-# exactly two on stairs-2 in 98 / 88 / 88 of 100 at phi = 0 / 0.5 / 0.8
+# exactly two on stairs-2 in 98 / 96 / 95 of 100 at phi = 0 / 0.5 / 0.8
 SLOW_FLAT = {0.0: 0.02, 0.5: 0.03, 0.8: 0.05}
 SLOW_RISE = {0.0: 0.98, 0.8: 0.96}
-SLOW_STAIRS = {0.0: 0.96, 0.5: 0.86, 0.8: 0.86}
+SLOW_STAIRS = {0.0: 0.96, 0.5: 0.94, 0.8: 0.93}
 
 
 def test_smoothing_half_width_formula():
@@ -195,8 +195,8 @@ def test_split_model_fits_with_the_central_level_and_tests_with_the_upper_one():
 
 def test_a_line_with_no_significant_slope_counts_as_a_plateau():
     """A ramp segment long enough and with |slope_z| < z_plateau (a line fitted at a lower noise level
-    than the tests use, on the tail of a smooth jump) separates two rises; with a significant slope the
-    two rises and the line are one change."""
+    than the tests use, on the tail of a smooth jump) separates two rises, and its level is its mean;
+    with a significant slope the two rises and the line are one change."""
     from devinterp_lightning.stages.plateaus import Segment
 
     def segs(slope_z: float) -> list[Segment]:
@@ -206,7 +206,7 @@ def test_a_line_with_no_significant_slope_counts_as_a_plateau():
 
     two = changes(segs(1.5), 1.0)
     assert [(c.onset, c.direction) for c in two] == [(30, "increase"), (66, "increase")]
-    assert two[0].level_after == pytest.approx(8.0) and two[1].level_before == pytest.approx(8.0 + 0.01 * 31)
+    assert two[0].level_after == two[1].level_before == pytest.approx(8.0 + 0.01 * 31 / 2)
     assert [(c.onset, c.end) for c in changes(segs(4.0), 1.0)] == [(30, 70)]
 
 
@@ -215,7 +215,7 @@ def test_suite_headline_few_seeds():
 
     Measured with these seeds: rise-10 (A = 8, i.i.d.) exactly one transition in 30 of 30 series,
     median onset error 2 points; flat AR(1) noise at phi = 0.5: no false transition in 30 series, at
-    phi = 0.8: 2 of 30; two stairs at phi = 0.8: exactly two in 28 of 30. The bounds allow one or two
+    phi = 0.8: 2 of 30; two stairs at phi = 0.8: exactly two in 29 of 30. The bounds allow one or two
     series more either way.
     """
     rise = run_cell(SHAPES["rise-10"], 8.0, 0.0, range(30), "plateau")
@@ -228,7 +228,7 @@ def test_suite_headline_few_seeds():
     assert rise["exact"] >= 29 / 30 and rise["recall"] >= 0.85
     assert rise["onset_err"] <= 4
     assert flat["any"] <= 1 / 30 and flat_ar["any"] <= 3 / 30
-    assert stairs_ar["exact"] >= 26 / 30
+    assert stairs_ar["exact"] >= 27 / 30
 
 
 def test_residual_noise_model_keeps_the_second_stair_under_ar1_noise():

@@ -45,7 +45,8 @@ first, which leaves steps and ramps untouched (a monotone triple is its own medi
 **Transitions.** A plateau is a flat segment of at least ``min_plateau`` points whose slope has a
 z-score below ``z_plateau``, or a shorter one bounded by two sharp jumps (the first and the last
 segment count when flat; :func:`changes`); with ``noise_model="split"`` also a line of at least
-``min_plateau`` points whose slope is not significant at the test level. Everything between two
+``min_plateau`` points whose slope is not significant at the test level, whose level is then its
+mean. Everything between two
 plateaus (ramps, short levels, jumps) is one change; a change whose ramps switch sign (a rise straight
 into a fall) is split at the peak. Each part becomes a transition when the levels on its two sides
 pass a z-test,
@@ -254,11 +255,17 @@ def changes(
     def variance(sg: Segment) -> float:  # of its fitted end, in units of scale**2
         return (1.0 if sg.kind == "flat" else 4.0) / min(sg.size, level_points)
 
+    def as_level(sg: Segment) -> tuple[float, float] | None:
+        # a line whose slope is not significant is a level: its mean, known to 1/m
+        if sg.kind == "ramp" and plateau(sg):
+            return sg.value_at(sg.start) + sg.slope * (sg.size - 1) / 2.0, 1.0 / min(sg.size, level_points)
+        return None
+
     def start_of(sg: Segment) -> tuple[float, float]:
-        return sg.first, variance(sg)
+        return as_level(sg) or (sg.first, variance(sg))
 
     def end_of(sg: Segment) -> tuple[float, float]:
-        return sg.last, variance(sg)
+        return as_level(sg) or (sg.last, variance(sg))
 
     def jump_z(a: Segment, b: Segment) -> float:
         va = 1.0 / min(a.size, level_points) if a.kind == "flat" else 4.0 / min(a.size, level_points)
