@@ -45,7 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from test_calibrate import half_sse, suite_cases, teacher_dln  # noqa: E402
 
-from devinterp_lightning.sampling.calibrate import calibrate_llc  # noqa: E402
+from devinterp_lightning.sampling.calibrate import (  # noqa: E402
+    MAX_BURNIN_STEPS,
+    RELAXATION_EFOLDS,
+    calibrate_llc,
+)
 from devinterp_lightning.sampling.estimator import estimate_llc  # noqa: E402
 from devinterp_lightning.sampling.settings import SGLDSettings  # noqa: E402
 
@@ -108,11 +112,12 @@ def main() -> None:
 
 
 def _relaxed_layout(cal, localization: float, args: argparse.Namespace) -> dict[str, int]:
-    """The relaxation rule of calibrate_llc at another localization (2 e-folds, at most 10,000 steps)."""
+    """The relaxation rule of calibrate_llc at another localization (RELAXATION_EFOLDS e-folds, at most
+    MAX_BURNIN_STEPS steps)."""
     softest = 1 / (cal.lr * cal.relaxation_steps) - cal.localization  # 0 unless the calibration saw a saddle
-    span = 2.0 / (cal.lr * (localization + softest))
-    burnin = int(min(max(args.burnin, math.ceil(span)), 10_000))
-    thin = max(1, math.ceil((min(span, 10_000) - 1) / (args.draws - 1)))
+    span = RELAXATION_EFOLDS / (cal.lr * (localization + softest))
+    burnin = int(min(max(args.burnin, math.ceil(span)), MAX_BURNIN_STEPS))
+    thin = max(1, math.ceil((min(span, MAX_BURNIN_STEPS) - 1) / (args.draws - 1)))
     return {"num_draws": args.draws, "num_burnin_steps": burnin, "num_steps_bw_draws": thin}
 
 

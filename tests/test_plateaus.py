@@ -17,6 +17,7 @@ from devinterp_lightning.stages.noise import (
     ar1_residual_moments,
     estimate_long_run_noise,
     segment_noise,
+    segment_noise_levels,
     smoothing_half_width,
 )
 from devinterp_lightning.stages.plateaus import (
@@ -95,6 +96,14 @@ def test_segment_noise_recovers_ar1_with_levels_and_ramps_fitted():
         assert est.sigma == pytest.approx(1.0, rel=0.05)
     assert segment_noise(np.zeros(10), [(0, 2, False)]).long_run == 0.0
     assert segment_noise(np.random.default_rng(2).normal(size=50), [(0, 50, False)], [4.0] * 50).sigma == 4.0
+
+
+def test_segment_noise_levels_equal_one_call_per_margin():
+    x = ar1(np.random.default_rng(7), 120, 0.6)
+    spans = [(0, 40, False), (40, 90, True), (90, 120, False)]
+    levels = segment_noise_levels(x, spans, margins=(0.0, 2.0, 4.0))
+    assert levels == [segment_noise(x, spans, margin=m) for m in (0.0, 2.0, 4.0)]
+    assert levels[0].long_run < levels[1].long_run < levels[2].long_run
 
 
 def test_segment_noise_corrects_the_bias_of_short_segments():

@@ -33,7 +33,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["NoiseLevel", "ar1_residual_moments", "estimate_long_run_noise", "segment_noise", "smoothing_half_width"]
+__all__ = [
+    "NoiseLevel", "ar1_residual_moments", "estimate_long_run_noise", "segment_noise", "segment_noise_levels",
+    "smoothing_half_width",
+]
 
 _MAD_TO_SIGMA = 1.4826  # MAD of a Gaussian = 0.6745 sigma
 
@@ -219,6 +222,19 @@ def segment_noise(
 
     No usable segment and no finite stderr give zeros.
     """
+    return segment_noise_levels(values, segments, stderrs, phi_max=phi_max, margins=(margin,))[0]
+
+
+def segment_noise_levels(
+    values: Sequence[float],
+    segments: Sequence[tuple[int, int, bool]],
+    stderrs: Sequence[float] | None = None,
+    *,
+    phi_max: float = 0.9,
+    margins: Sequence[float] = (2.0,),
+) -> list[NoiseLevel]:
+    """:func:`segment_noise` at each of ``margins``, from one pass over the residuals (the fit and
+    the moment matching do not depend on the margin)."""
     x = np.asarray(values, dtype=float)
     num = den = 0.0
     used: list[tuple[int, bool]] = []
@@ -237,23 +253,26 @@ def segment_noise(
         num += float(r[1:] @ r[:-1])
         den += float(r @ r)
         used.append((m, bool(ramp)))
-    sigma = phi = 0.0
-    if used and den > 0:
-        e_den = np.zeros_like(_PHI_GRID)
-        e_num = np.zeros_like(_PHI_GRID)
-        for m, ramp in used:
-            d, nm = ar1_residual_moments(m, ramp, _PHI_GRID)
-            e_den += d
-            e_num += nm
-        # increasing in phi; the running maximum guards the interpolation against rounding
-        ratio = np.maximum.accumulate(e_num / np.maximum(e_den, 1e-12))
-        rho = num / den
-        # the phi whose expected ratio matches the observed one
-        raw = float(np.interp(rho, ratio, _PHI_GRID)) if rho > ratio[0] else 0.0
-        raw = min(raw, phi_max)
-        # residual degrees of freedom left once the levels / lines are fitted: short segments carry
-        # little information about phi, so the margin grows where the fit cut the series finely
-        dof = float(np.interp(raw, _PHI_GRID, e_den)) - len(used)
+    if not used or den <= 0:
+        return [_noise_level(0.0, 0.0, stderrs) for _ in margins]
+    e_den = np.zeros_like(_PHI_GRID)
+    e_num = np.zeros_like(_PHI_GRID)
+    for m, ramp in used:
+        d, nm = ar1_residual_moments(m, ramp, _PHI_GRID)
+        e_den += d
+        e_num += nm
+    # increasing in phi; the running maximum guards the interpolation against rounding
+    ratio = np.maximum.accumulate(e_num / np.maximum(e_den, 1e-12))
+    rho = num / den
+    # the phi whose expected ratio matches the observed one
+    raw = float(np.interp(rho, ratio, _PHI_GRID)) if rho > ratio[0] else 0.0
+    raw = min(raw, phi_max)
+    # residual degrees of freedom left once the levels / lines are fitted: short segments carry
+    # little information about phi, so the margin grows where the fit cut the series finely
+    dof = float(np.interp(raw, _PHI_GRID, e_den)) - len(used)
+    out = []
+    for margin in margins:
         phi = min(raw + margin * math.sqrt((1.0 - raw**2) / max(dof, 1.0)), phi_max)
         sigma = math.sqrt(den / max(float(np.interp(phi, _PHI_GRID, e_den)), 1.0))
-    return _noise_level(sigma, phi, stderrs)
+        out.append(_noise_level(sigma, phi, stderrs))
+    return out

@@ -80,7 +80,12 @@ import numpy as np
 
 from devinterp_lightning.stages.base import Tracker, replay
 from devinterp_lightning.stages.events import Transition
-from devinterp_lightning.stages.noise import NoiseLevel, estimate_long_run_noise, segment_noise
+from devinterp_lightning.stages.noise import (
+    NoiseLevel,
+    estimate_long_run_noise,
+    segment_noise,
+    segment_noise_levels,
+)
 
 __all__ = ["Change", "PlateauTracker", "Segment", "changes", "despike", "detect_transitions", "fit_segments"]
 
@@ -268,9 +273,7 @@ def changes(
         return as_level(sg) or (sg.last, variance(sg))
 
     def jump_z(a: Segment, b: Segment) -> float:
-        va = 1.0 / min(a.size, level_points) if a.kind == "flat" else 4.0 / min(a.size, level_points)
-        vb = 1.0 / min(b.size, level_points) if b.kind == "flat" else 4.0 / min(b.size, level_points)
-        return abs(b.first - a.last) / (scale * math.sqrt(va + vb))
+        return abs(b.first - a.last) / (scale * math.sqrt(variance(a) + variance(b)))
 
     def plateau(sg: Segment) -> bool:
         if sg.kind != "flat":
@@ -486,9 +489,9 @@ class PlateauTracker(Tracker):
             return self._segment(x, self.last_noise.long_run, self.last_noise.long_run)
         # split: the segments from the central estimate (the smaller of the two, each inflated only by
         # structure the first fit missed), the z-tests from the residual estimate's upper bound
-        central = min(self._variogram_noise(x, segs, stderrs, known, previous, 0.0),
-                      segment_noise(x, spans, stderrs, margin=0.0), key=lambda n: n.long_run)
-        upper = segment_noise(x, spans, stderrs, margin=self.significance_margin)
+        residual, upper = segment_noise_levels(x, spans, stderrs, margins=(0.0, self.significance_margin))
+        central = min(self._variogram_noise(x, segs, stderrs, known, previous, 0.0), residual,
+                      key=lambda n: n.long_run)
         self.last_noise = upper if upper.long_run >= central.long_run else central
         return self._segment(x, central.long_run, self.last_noise.long_run)
 
