@@ -12,7 +12,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from devinterp_lightning.sampling.estimator import estimate_llcs
 from devinterp_lightning.sampling.settings import SGLDSettings
-from devinterp_lightning.sampling.worker import SnapshotSampler, derive_seed, pack_payload, snapshot_request
+from devinterp_lightning.sampling.worker import (
+    SnapshotSampler,
+    death_notice,
+    derive_seed,
+    pack_payload,
+    snapshot_request,
+)
 
 
 def mse(model: nn.Module, batch) -> torch.Tensor:
@@ -57,3 +63,16 @@ def test_unpicklable_parts_are_named_with_the_fix():
     with pytest.raises(TypeError, match="sends the probe data .*a generator .*cannot be sent"):
         pack_payload(_model(0), mse, {"llc": (gen, None)})
     pickle.dumps(pack_payload(_model(0), mse, {}))  # a payload is plain bytes
+
+
+def test_a_dead_worker_notice_says_how_it_ended_and_gives_the_spawn_hint_only_for_an_error_exit():
+    # a spawned worker that exits with an error before it is ready: most often an unguarded main script
+    error = death_notice(12, 1, 3, started=False, start_method="spawn")
+    assert "died with exit code 1 while 3 estimate(s) were in flight before it had started" in error
+    assert "if __name__ ==" in error
+    # killed from outside (a timeout's SIGTERM, the OOM killer's SIGKILL): no guess at a cause
+    killed = death_notice(12, -15, 8, started=False, start_method="spawn")
+    assert "was killed by signal SIGTERM (exit code -15) while 8 estimate(s)" in killed
+    assert "if __name__" not in killed
+    running = death_notice(12, -9, 1, started=True, start_method="fork")
+    assert running.endswith("was killed by signal SIGKILL (exit code -9) while 1 estimate(s) were in flight")

@@ -19,6 +19,7 @@ import io
 import os
 import pickle
 import queue
+import signal
 import sys
 import time
 import traceback
@@ -44,6 +45,7 @@ __all__ = [
     "SnapshotSampler",
     "WorkerDied",
     "WorkerError",
+    "death_notice",
     "derive_seed",
     "pack_payload",
     "resolve_start_method",
@@ -186,6 +188,25 @@ def serve_requests(payload: bytes, device: str, threads: int, cpus: list[int] | 
         results.put(("ok", request.step, out))
 
 
+def death_notice(pid: int | None, exitcode: int | None, in_flight: int, started: bool, start_method: str) -> str:
+    """What a dead worker's warning says: how it ended (a signal, or an exit code), and the usual cause
+    of a spawned worker that exits with an error before it is ready (an unguarded main script)."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            how = f"was killed by signal {signal.Signals(-exitcode).name} (exit code {exitcode})"
+        except ValueError:
+            how = f"was killed by signal {-exitcode} (exit code {exitcode})"
+    else:
+        how = f"died with exit code {exitcode}"
+    notice = f"LLCMonitor: the sampling worker (pid {pid}) {how} while {in_flight} estimate(s) were in flight"
+    if not started:
+        notice += " before it had started"
+        if start_method == "spawn" and exitcode is not None and exitcode > 0:
+            notice += (". A process started with 'spawn' re-imports the main script: in a script, put the "
+                       "training code under `if __name__ == \"__main__\":` (the worker's own error is printed above)")
+    return notice
+
+
 START_METHODS = ("auto", "spawn", "fork", "forkserver")
 
 
@@ -282,13 +303,7 @@ class BackgroundSampler:
             return message
 
     def _death_notice(self) -> str:
-        notice = (f"LLCMonitor: the sampling worker (pid {self.pid}) died with exit code {self.process.exitcode} "
-                  f"while {len(self.pending)} estimate(s) were in flight")
-        if not self.started and self.start_method == "spawn":
-            notice += (" before it had started. A process started with 'spawn' re-imports the main script: in a "
-                       "script, put the training code under `if __name__ == \"__main__\":` (the worker's own "
-                       "error is printed above)")
-        return notice
+        return death_notice(self.pid, self.process.exitcode, len(self.pending), self.started, self.start_method)
 
     def _answer(self, message: tuple[str, int | None, Any]) -> tuple[EstimateRequest, dict[str, LLCResult]]:
         kind, step, value = message
