@@ -21,6 +21,7 @@ from devinterp_lightning.stages.noise import (
     smoothing_half_width,
 )
 from devinterp_lightning.stages.plateaus import (
+    Change,
     PlateauTracker,
     changes,
     despike,
@@ -36,11 +37,14 @@ SHAPES = {s.name: s for s in shapes()}
 # bounds of the slow test, from the 100-seed benchmark (docs/stages.md, the default noise model "split"
 # for these series without a stderr), two series of room each and never looser than the targets of
 # issue #12 (false alarms <= 5%, one rise >= 90%, two stairs >= 85%). Measured: false alarms 0 / 1 / 3
-# of 100 at phi = 0 / 0.5 / 0.8; exactly one transition on rise-10 in 100 / 98 of 100 at phi = 0 / 0.8;
-# exactly two on stairs-2 in 98 / 96 / 95 of 100 at phi = 0 / 0.5 / 0.8
+# of 100 at phi = 0 / 0.5 / 0.8; exactly one transition on rise-10 in 100 / 99 of 100 at phi = 0 / 0.8;
+# exactly two on stairs-2 in 98 / 96 / 95 of 100 at phi = 0 / 0.5 / 0.8; exactly one on the wide rise and
+# fall (rise-30, fall-30) at phi = 0.8 in 94 / 91 of 100 (the fall's bound is the 90% target: one series
+# of room)
 SLOW_FLAT = {0.0: 0.02, 0.5: 0.03, 0.8: 0.05}
-SLOW_RISE = {0.0: 0.98, 0.8: 0.96}
+SLOW_RISE = {0.0: 0.98, 0.8: 0.97}
 SLOW_STAIRS = {0.0: 0.96, 0.5: 0.94, 0.8: 0.93}
+SLOW_WIDE = {"rise-30": 0.92, "fall-30": 0.90}  # at phi = 0.8
 
 
 def test_smoothing_half_width_formula():
@@ -169,6 +173,61 @@ def test_tracker_never_re_reports_and_round_trips_state():
     assert len(out) == 1 and tr.transitions == out and out[0].monitor == "m"
 
 
+class _ScriptedTracker(PlateauTracker):
+    """A tracker whose fits return scripted changes (``script[n]`` for a series of ``n`` points)."""
+
+    def __init__(self, script: dict[int, list[Change]], **kw: object) -> None:
+        super().__init__("m", min_points=10, **kw)
+        self.script = script
+
+    def fit(self, values, stderrs=None, *, known=(), previous=()):  # type: ignore[override]
+        return [], self.script.get(len(values), []), 1.0
+
+
+def _rise(onset: int, end: int, direction: str = "increase") -> Change:
+    return Change(onset, end, direction, 0.0, 8.0 if direction == "increase" else -8.0, 5.0)  # type: ignore[arg-type]
+
+
+def _replay_script(script: dict[int, list[Change]], n: int = 100) -> list[tuple[int, str]]:
+    tr = _ScriptedTracker(script)
+    for k in range(1, n + 1):
+        tr.update(list(range(k)), [0.0] * k)
+    return [(t.changepoint_step, t.direction) for t in tr.transitions]
+
+
+def test_an_onset_that_moves_back_after_confirmation_is_the_same_transition():
+    """A wide rise confirmed at onset 50 (its slow start fitted into the plateau), later fitted from
+    43 (the slow start now in the rise, the rise ending in a line that counts as a plateau, so the
+    change has no extent beyond its onset): one transition. It stays a new one when the later fit
+    still sees the confirmed onset, when it starts ``settle`` points or more before it, or when it
+    goes the other way."""
+    first = {n: [_rise(50, 60)] for n in range(60, 63)}  # confirmed at n = 62
+    moved = {n: [_rise(43, 43)] for n in range(70, 75)}
+    assert _replay_script({**first, **moved}) == [(50, "increase")]
+    # the later fit also finds the confirmed onset: the change before it is another transition
+    both = {n: [_rise(43, 43), _rise(50, 60)] for n in range(70, 75)}
+    assert _replay_script({**first, **both}) == [(50, "increase"), (43, "increase")]
+    # settle = 15 points before the confirmed onset or more: another transition
+    far = {n: [_rise(35, 35)] for n in range(70, 75)}
+    assert _replay_script({**first, **far}) == [(50, "increase"), (35, "increase")]
+    far_ok = {n: [_rise(36, 36)] for n in range(70, 75)}
+    assert _replay_script({**first, **far_ok}) == [(50, "increase")]
+    # the other direction: another transition
+    down = {n: [_rise(43, 43, "decrease")] for n in range(70, 75)}
+    assert _replay_script({**first, **down}) == [(50, "increase"), (43, "decrease")]
+
+
+def test_wide_rise_under_ar1_noise_whose_onset_moves_back_is_reported_once():
+    """rise-30 with AR(1) noise at phi = 0.8, seed 6 of the benchmark: the rise is confirmed with onset 50
+    at point 67, then refitted from 43 (a plateau up to 43 and a line whose slope is not significant at
+    the test level). Reported twice before the rule of the test above, once with it."""
+    from bench_stages import series
+
+    x = series(SHAPES["rise-30"], 8.0, 0.8, 6)
+    found = detect_transitions(list(range(100)), x)
+    assert [(t.changepoint_step, t.direction, t.step) for t in found] == [(50, "increase", 67)]
+
+
 def test_tracker_validates_its_settings():
     with pytest.raises(ValueError, match="min_size"):
         PlateauTracker("m", min_size=1)
@@ -283,7 +342,7 @@ def test_recorded_superposition_series_has_one_late_increase():
 def test_suite_headline_many_seeds():
     """100 seeds per cell: the docs/stages.md table (see there for the measured values)."""
     cells = [("flat", phi) for phi in SLOW_FLAT] + [("rise-10", phi) for phi in SLOW_RISE]
-    cells += [("stairs-2", phi) for phi in SLOW_STAIRS]
+    cells += [("stairs-2", phi) for phi in SLOW_STAIRS] + [(name, 0.8) for name in SLOW_WIDE]
     rows = {}
     for name, phi in cells:
         rows[name, phi] = run_cell(SHAPES[name], 1.0 if name == "flat" else 8.0, phi, range(100), "plateau")
@@ -294,6 +353,8 @@ def test_suite_headline_many_seeds():
         assert rows["rise-10", phi]["exact"] >= bound, phi
     for phi, bound in SLOW_STAIRS.items():
         assert rows["stairs-2", phi]["exact"] >= bound, phi
+    for name, bound in SLOW_WIDE.items():
+        assert rows[name, 0.8]["exact"] >= bound, name
 
 
 @pytest.mark.slow

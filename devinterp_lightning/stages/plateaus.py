@@ -66,7 +66,10 @@ end of that plateau, confirmed once the rise is significant.
 transition is *confirmed* once the same onset (within ``jitter`` points, same direction) has been
 found in ``confirm`` consecutive refits; confirmed transitions are never retracted, and a later
 change of the same direction whose extent covers a confirmed onset (within ``tolerance`` points),
-or that starts less than ``settle`` points after the confirmation, is the same transition.
+or that starts less than ``settle`` points after the confirmation, is the same transition; so is one
+that starts less than ``settle`` points *before* a confirmed onset that no change of the refit finds
+again (the slow start of a wide rise is first fitted into the plateau before it, later into the rise,
+and the onset moves back).
 """
 
 from __future__ import annotations
@@ -381,7 +384,9 @@ class PlateauTracker(Tracker):
         min_plateau: a flat segment shorter than this is part of the change around it, not a plateau.
         settle: a change in the same direction that starts less than this many points after a
             transition was confirmed is that transition again (a wide rise first fitted as two jumps),
-            unless the level between them is bounded by sharp jumps.
+            unless the level between them is bounded by sharp jumps; so is one in the same direction
+            that starts less than this many points before a confirmed onset that no change of the
+            refit finds again (the onset of a wide rise moving back).
         confirm: consecutive refits that must find the same onset (within ``jitter`` points, same
             direction) before the transition is reported.
         jitter: how far (points) an onset may move between refits and still count as seen again.
@@ -520,22 +525,34 @@ class PlateauTracker(Tracker):
                             slope_scale=test_scale)
         return segs, changes(segs, test_scale, z_change=self.z_change, min_plateau=self.min_plateau), test_scale
 
-    def _known(self, c: Change, start: int) -> bool:
+    def _known(self, c: Change, start: int, found: Sequence[Change] = ()) -> bool:
         """Whether ``c`` is a confirmed transition seen again: an onset within ``tolerance`` points;
         or the same direction with the confirmed onset inside ``c``'s extent; or the same direction
         starting less than ``settle`` points after that transition was confirmed (a wide rise is often
         first fitted as a jump to a short level, then as another jump), unless the level between
-        them is bounded by sharp jumps (see :func:`changes`)."""
+        them is bounded by sharp jumps (see :func:`changes`); or the same direction starting less than
+        ``settle`` points *before* a confirmed onset that no change of this fit (``found``) sees again
+        (the slow start of a wide rise, first fitted into the plateau, later into the rise: the onset
+        moves back)."""
         onset = c.onset + start
-        lo, hi = onset - self.tolerance, c.end + start + self.tolerance
         for k in self._confirmed:
-            if abs(k.onset - onset) <= self.tolerance:
-                return True
-            if k.direction == c.direction and lo <= k.onset <= hi:
+            if self._seen_again(k, c, start):
                 return True
             if k.direction == c.direction and not c.sharp_before and k.onset <= onset < k.at + self.settle:
                 return True
+        for k in self._confirmed:
+            if (k.direction == c.direction and onset < k.onset < onset + self.settle
+                    and not any(self._seen_again(k, o, start) for o in found)):
+                return True
         return False
+
+    def _seen_again(self, k: _Confirmed, c: Change, start: int) -> bool:
+        """Whether change ``c`` (window indices from ``start``) is confirmed transition ``k``: onsets
+        within ``tolerance`` points, or the same direction with ``k``'s onset inside ``c``'s extent."""
+        onset = c.onset + start
+        if abs(k.onset - onset) <= self.tolerance:
+            return True
+        return k.direction == c.direction and onset - self.tolerance <= k.onset <= c.end + start + self.tolerance
 
     def update(
         self,
@@ -559,7 +576,7 @@ class PlateauTracker(Tracker):
         pending: list[_Candidate] = []
         new: list[Transition] = []
         for c in found:
-            if self._known(c, start):
+            if self._known(c, start, found):
                 continue
             onset = c.onset + start
             prev = next((p for p in self._pending if p.direction == c.direction
