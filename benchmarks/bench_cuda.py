@@ -175,7 +175,8 @@ def monitor(steps: int) -> None:
     fit(LLCMonitor(mse, data=probe_loader(), progress=False, every_n_steps=[0]), steps=10)
     baseline = fit(None)
     print(f"\nmonitor on {device_name()}: DLN demo, {steps} steps; without the monitor {baseline:.2f} s")
-    for label, kw in (("synchronous", {}), ("background, worker on the GPU", {"background": True, "worker_device": DEVICE.type}),
+    here = "the GPU" if DEVICE.type == "cuda" else f"worker_device={DEVICE.type!r}"
+    for label, kw in (("synchronous", {}), (f"background, worker on {here}", {"background": True, "worker_device": DEVICE.type}),
                       ("background, worker on the CPU", {"background": True})):
         mon = LLCMonitor(mse, data=probe_loader(), progress=False, **kw)
         wall = fit(mon)
