@@ -538,11 +538,11 @@ class PlateauTracker(Tracker):
         for k in self._confirmed:
             if self._seen_again(k, c, start):
                 return True
-            if k.direction == c.direction and not c.sharp_before and k.onset <= onset < k.at + self.settle:
+            if k.direction != c.direction:
+                continue
+            if not c.sharp_before and k.onset <= onset < k.at + self.settle:
                 return True
-        for k in self._confirmed:
-            if (k.direction == c.direction and onset < k.onset < onset + self.settle
-                    and not any(self._seen_again(k, o, start) for o in found)):
+            if onset < k.onset < onset + self.settle and not any(self._seen_again(k, o, start) for o in found):
                 return True
         return False
 
