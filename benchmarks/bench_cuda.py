@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "tests", ROOT / "benchmarks"):
@@ -61,8 +60,7 @@ def synced(run) -> float:
 
 
 def accuracy(seeds: range) -> None:
-    from noisy_cases import make_loader, top_hessian_eigenvalue
-    from test_estimator_noisy import SUITE_CASES, SUITE_ROWS, suite_layout
+    from test_estimator_noisy import SUITE_CASES, suite_estimate
     from test_estimator_theory import NET, sq_error, teacher_loader, teacher_network
 
     from devinterp_lightning import estimate_llc, theory
@@ -80,12 +78,8 @@ def accuracy(seeds: range) -> None:
         return res.mean / truth - 1, ",".join(res.flags)
 
     def noisy(name: str, seed: int) -> tuple[float, str]:
-        row = "B128-epoch"
         case = SUITE_CASES[name](seed)
-        layout = suite_layout(row, top_hessian_eigenvalue(case))
-        batch, mode, *_ = SUITE_ROWS[row]
-        res = estimate_llc(case.model.to(DEVICE), case.loss_fn, make_loader(case, batch, mode, seed), num_chains=8,
-                           seed=seed, batch_streams="per_chain", **layout)
+        res = suite_estimate(case, "B128-epoch", seed, device=DEVICE)
         return res.mean / case.llc - 1, ",".join(res.flags)
 
     rows: dict[str, Any] = {
@@ -101,36 +95,14 @@ def accuracy(seeds: range) -> None:
         print(f"  {name:46s} {errors}   max |error| {100 * max(abs(e) for e, _ in out):.1f}%", flush=True)
 
 
-def time_case(model: nn.Module, loader: DataLoader, chains: int, draws: int, repeats: int) -> tuple[float, float]:
+def time_case(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, chains: int, draws: int,
+              repeats: int) -> tuple[float, float]:
     """Best wall times of one estimate (``chains`` x ``draws``, burn-in 0) and of a training loop doing
-    as many forward/backward steps, both on ``DEVICE`` reading ``loader`` (CPU tensors)."""
-    import copy
+    as many forward/backward steps, both on ``DEVICE``: bench_estimator.py's two runners."""
+    from bench_estimator import ours_runner, training_runner
 
-    from bench_estimator import LOCALIZATION, LR, NBETA, mse
-
-    from devinterp_lightning import estimate_llc
-
-    steps, batch = chains * draws, loader.batch_size
-
-    def ours() -> None:
-        estimate_llc(model, mse, loader, lr=LR, nbeta=NBETA, localization=LOCALIZATION, num_chains=chains,
-                     num_draws=draws, num_burnin_steps=0, seed=0)
-
-    def train() -> None:  # bench_estimator's loop: batches sliced from the tensors, as the estimator's fast path does
-        net = copy.deepcopy(model)
-        opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-        x, y = loader.dataset.tensors
-        perm, pos = torch.randperm(x.shape[0]), 0
-        for _ in range(steps):
-            if pos + batch > x.shape[0]:
-                perm, pos = torch.randperm(x.shape[0]), 0
-            idx = perm[pos : pos + batch]
-            pos += batch
-            loss = mse(net, (x[idx].to(DEVICE, non_blocking=True), y[idx].to(DEVICE, non_blocking=True)))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
+    ours = ours_runner(model, x, y, batch, draws, num_chains=chains)
+    train = training_runner(model, x, y, batch, chains * draws, device=DEVICE)
     ours(), train()  # warm-up: cuBLAS handles, torch.func caches
     return min(synced(ours) for _ in range(repeats)), min(synced(train) for _ in range(repeats))
 
@@ -145,10 +117,9 @@ def speed(draws: int, repeats: int) -> None:
         torch.manual_seed(0)
         model = build_model(widths, relu).to(DEVICE)
         x, y = make_data(widths)
-        loader = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, drop_last=True)
         for chains in (4, 16):
             steps = chains * draws
-            ours, train = time_case(model, loader, chains, draws, repeats)
+            ours, train = time_case(model, x, y, batch, chains, draws, repeats)
             print(f"  {name:28s} {chains:2d} chains: ours {ours:6.3f} s ({ours / steps * 1e3:.3f} ms per "
                   f"chain-step), train {train:6.3f} s ({train / steps * 1e3:.3f} ms per step); "
                   f"chain-step / training step {ours / train:.2f}", flush=True)

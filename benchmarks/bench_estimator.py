@@ -80,19 +80,21 @@ def mse(model: nn.Module, batch) -> torch.Tensor:
     return ((model(x) - y) ** 2).mean()
 
 
-def ours_runner(model, x, y, batch, draws: int, **options):
+def ours_runner(model, x, y, batch, draws: int, num_chains: int = NUM_CHAINS, **options):
     from devinterp_lightning import estimate_llc
 
     loader = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, drop_last=True)
 
     def run() -> None:
         estimate_llc(model, mse, loader, lr=LR, nbeta=NBETA, localization=LOCALIZATION,
-                     num_chains=NUM_CHAINS, num_draws=draws, num_burnin_steps=0, seed=0, **options)
+                     num_chains=num_chains, num_draws=draws, num_burnin_steps=0, seed=0, **options)
 
     return run
 
 
-def training_runner(model, x, y, batch: int, steps: int):
+def training_runner(model, x, y, batch: int, steps: int, device: torch.device | None = None):
+    """A plain SGD loop over batches sliced from ``x``, ``y`` (as the estimator's fast path slices a
+    TensorDataset), each moved to ``device`` when one is given (benchmarks/bench_cuda.py)."""
     import copy
 
     def run() -> None:
@@ -105,7 +107,10 @@ def training_runner(model, x, y, batch: int, steps: int):
                 perm, pos = torch.randperm(x.shape[0]), 0
             idx = perm[pos : pos + batch]
             pos += batch
-            loss = mse(net, (x[idx], y[idx]))
+            xb, yb = x[idx], y[idx]
+            if device is not None:
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            loss = mse(net, (xb, yb))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -23,10 +23,9 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from noisy_cases import make_loader, top_hessian_eigenvalue
-from test_estimator_noisy import SUITE_CASES, SUITE_ROWS, SUITE_TOLERANCE, suite_layout
+from test_estimator_noisy import SUITE_CASES, SUITE_TOLERANCE, suite_estimate
 from test_estimator_theory import NET, relative_error, sq_error, teacher_loader, teacher_network
-from test_llc_monitor import FAST, Net, make_data, mse, probe
+from test_llc_monitor import FAST, Net, make_data, mse, probe, trainer
 from torch.utils.data import DataLoader
 
 from devinterp_lightning import LLCMonitor, estimate_llc, theory
@@ -49,13 +48,10 @@ def deterministic_cuda() -> Iterator[None]:
 def _fit_on_cuda(monitor: LLCMonitor | None, max_steps: int = 14) -> tuple[dict[str, torch.Tensor], Any]:
     pl.seed_everything(1234)
     model = Net(shuffle=True, dropout=0.3)
-    trainer = pl.Trainer(
-        max_steps=max_steps, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[] if monitor is None else [monitor],
-    )
-    trainer.fit(model)
+    t = trainer([] if monitor is None else [monitor], max_steps=max_steps, accelerator="gpu", devices=1)
+    t.fit(model)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return state, (trainer.optimizers[0].state_dict(), model.training, torch.cuda.get_rng_state(), torch.rand(3))
+    return state, (t.optimizers[0].state_dict(), model.training, torch.cuda.get_rng_state(), torch.rand(3))
 
 
 def _assert_same_run(a: tuple, b: tuple) -> None:
@@ -119,12 +115,8 @@ def test_noisy_suite_on_cuda(name: str) -> None:
     # label noise sigma 1 at the exact minimiser, per-chain streams, the documented settings of the
     # suite's B 128 epoch-order row, the CPU test's tolerance (tests/test_estimator_noisy.py); on the
     # H200, seeds 0-2: linear -4.0 / +1.9 / -2.1%, RRR -5.9 / -7.8 / -7.3%, DLN -9.5 / -6.4 / -6.4%
-    row = "B128-epoch"
     case = SUITE_CASES[name](0)
-    layout = suite_layout(row, top_hessian_eigenvalue(case))  # on the CPU, where the case's data lives
-    batch, mode, *_ = SUITE_ROWS[row]
-    res = estimate_llc(case.model.cuda(), case.loss_fn, make_loader(case, batch, mode, 0), num_chains=8, seed=0,
-                       batch_streams="per_chain", **layout)
+    res = suite_estimate(case, "B128-epoch", seed=0, device="cuda")
     assert res.healthy, res.flags
     assert relative_error(res.mean, case.llc) < SUITE_TOLERANCE[name], (res.mean, case.llc)
 

@@ -285,12 +285,15 @@ def suite_layout(row: str, h: float) -> dict:
                 num_draws=500, num_steps_bw_draws=math.ceil(relaxation / 500), batch_order=order)
 
 
-def suite_estimate(case, row: str, seed: int):
+def suite_estimate(case, row: str, seed: int, device: torch.device | str | None = None):
+    """The estimate of a suite row; with ``device``, the model is moved there after its top Hessian
+    eigenvalue is measured on the CPU, where the case's data lives (tests/test_cuda.py)."""
     from noisy_cases import top_hessian_eigenvalue
 
     batch, mode, *_ = SUITE_ROWS[row]
     layout = suite_layout(row, top_hessian_eigenvalue(case))
-    return estimate_llc(case.model, case.loss_fn, make_loader(case, batch, mode, seed), num_chains=8, seed=seed,
+    model = case.model if device is None else case.model.to(device)
+    return estimate_llc(model, case.loss_fn, make_loader(case, batch, mode, seed), num_chains=8, seed=seed,
                         batch_streams="per_chain", **layout)
 
 

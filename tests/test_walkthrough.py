@@ -448,6 +448,14 @@ def _lines_in_output(*needles: str) -> Check:
     return check
 
 
+def _bench_cuda_on_the_cpu(arguments: str, shorter: str, *needles: str) -> Entry:
+    """benchmarks/bench_cuda.py needs a CUDA device (CI has none, and it prints "no CUDA device" there);
+    its ``--device cpu`` runs the same code on the CPU, so the walkthrough checks the script, not the
+    GPU figures."""
+    return Entry(phase=5, timeout=600, slow=True, instead=f"python benchmarks/bench_cuda.py --device cpu {arguments}",
+                 why=f"the figures need a GPU; the same code on the CPU, {shorter}", check=_lines_in_output(*needles))
+
+
 def _no_chromium() -> str:
     browsers = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
     if any(shutil.which(b) for b in browsers):
@@ -644,21 +652,13 @@ COMMANDS: dict[str, Entry] = {
         why="as written it also builds benchmarks/.devinterp-venv (downloads torch and devinterp 2.0.1, ~1 GB); "
             "the walkthrough runs the same script without that arm, one repeat",
         check=_lines_in_output("chain-step")),
-    # bench_cuda.py needs a CUDA device (CI has none, and prints "no CUDA device" there); its --device cpu
-    # runs the same code on the CPU, so the walkthrough checks the script, not the GPU figures
-    "python benchmarks/bench_cuda.py --parts accuracy --seeds 3": Entry(
-        phase=5, timeout=600, slow=True, instead="python benchmarks/bench_cuda.py --device cpu --parts accuracy --seeds 1",
-        why="the figures need a GPU; the same code on the CPU, one seed",
-        check=_lines_in_output("accuracy on cpu", "DLN 3-4-4-3 r2, noisy, B 128 epochs")),
-    "python benchmarks/bench_cuda.py --parts speed": Entry(
-        phase=5, timeout=600, slow=True,
-        instead="python benchmarks/bench_cuda.py --device cpu --parts speed --draws 5 --repeats 1",
-        why="the figures need a GPU; the same code on the CPU, 5 draws, one repeat",
-        check=_lines_in_output("mlp-784-1024-1024-10-b512    16 chains", "chain-step / training step")),
-    "python benchmarks/bench_cuda.py --parts monitor": Entry(
-        phase=5, timeout=600, slow=True, instead="python benchmarks/bench_cuda.py --device cpu --parts monitor --steps 150",
-        why="the figures need a GPU; the same code on the CPU, 150 steps",
-        check=_lines_in_output("synchronous", "background, worker on the CPU")),
+    "python benchmarks/bench_cuda.py --parts accuracy --seeds 3": _bench_cuda_on_the_cpu(
+        "--parts accuracy --seeds 1", "one seed", "accuracy on cpu", "DLN 3-4-4-3 r2, noisy, B 128 epochs"),
+    "python benchmarks/bench_cuda.py --parts speed": _bench_cuda_on_the_cpu(
+        "--parts speed --draws 5 --repeats 1", "5 draws, one repeat",
+        "mlp-784-1024-1024-10-b512    16 chains", "chain-step / training step"),
+    "python benchmarks/bench_cuda.py --parts monitor": _bench_cuda_on_the_cpu(
+        "--parts monitor --steps 150", "150 steps", "synchronous", "background, worker on the CPU"),
     "python benchmarks/bench_monitor_overhead.py": Entry(
         phase=5, timeout=600, slow=True, instead="python benchmarks/bench_monitor_overhead.py --steps 300",
         why="as written it trains 2,000 and 20,000 steps in three modes (minutes); 300 steps run the same code paths",
