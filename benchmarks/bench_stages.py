@@ -2,6 +2,7 @@
 confirmation delay and false alarms, with each series replayed point by point as in training.
 
     python benchmarks/bench_stages.py [--seeds 100] [--detector plateau|binseg|turning] [--noise-model auto|split|variogram|residual]
+    python benchmarks/bench_stages.py --known-noise [...]   # the plateau tracker told the true noise level
 
 Shapes (100 points unless said; ``A`` is the amplitude of a rise, the noise has marginal sd 1):
 
@@ -114,6 +115,11 @@ def series(shape: Shape, amplitude: float, phi: float, seed: int) -> np.ndarray:
     rng = np.random.default_rng([seed, int(phi * 100), int(amplitude * 10), sum(map(ord, shape.name))])
     t = np.arange(shape.n, dtype=float)
     return shape.curve(t, amplitude) + ar1(rng, shape.n, phi)
+
+
+def true_long_run_sd(phi: float) -> float:
+    """Long-run standard deviation of the suite's AR(1) noise (marginal sd 1): ``sqrt((1 + phi) / (1 - phi))``."""
+    return float(np.sqrt((1.0 + phi) / (1.0 - phi)))
 
 
 def make_tracker(detector: str, **kw: Any) -> Any:
@@ -239,6 +245,33 @@ def icl_check(detector: str = "plateau", name: str = "icl_llc.json", **kw: Any) 
     return out
 
 
+def noise_spread(phis: list[float], seeds: range, cells: tuple[tuple[str, float], ...] = (("flat", 1.0), ("rise-10", 4.0)),
+                 min_points: int = 70) -> list[dict[str, Any]]:
+    """How far the split noise model's estimates wander, per series: over every refit from ``min_points``
+    points on, the quantiles (0.5%, 5%, 50%, 95%) of the residual ``phi`` before the margin
+    (``PlateauTracker.last_residual_noise``) and of the tests' level over the true long-run sd
+    (``last_noise.long_run / sqrt((1 + phi) / (1 - phi))``)."""
+    shape_of = {s.name: s for s in shapes()}
+    rows = []
+    for name, amplitude in cells:
+        for phi in phis:
+            raw: list[float] = []
+            ratio: list[float] = []
+            for seed in seeds:
+                x = series(shape_of[name], amplitude, phi, seed)
+                tracker = PlateauTracker("x")
+                for k in range(1, x.size + 1):
+                    tracker.update(list(range(k)), x[:k])
+                    if k >= min_points and tracker.last_residual_noise is not None and tracker.last_noise is not None:
+                        raw.append(tracker.last_residual_noise.phi)
+                        ratio.append(tracker.last_noise.long_run / true_long_run_sd(phi))
+            q = (0.5, 5, 50, 95)
+            rows.append({"shape": name, "amplitude": amplitude, "phi": phi,
+                         "phi_quantiles": np.percentile(raw, q).tolist(),
+                         "level_quantiles": np.percentile(ratio, q).tolist()})
+    return rows
+
+
 def cost_per_update(lengths: tuple[int, ...] = (100, 300, 1000), repeats: int = 20) -> list[dict[str, Any]]:
     """Wall time of one ``update`` on a series of ``n`` points (noise plus a rise), for the plateau
     tracker (window ``max_points=300``) and the binseg tracker (window 1000), in the same process.
@@ -269,6 +302,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--noise-model", default="auto", choices=["auto", "split", "variogram", "residual"],
                    help="PlateauTracker(noise_model=...); auto: split for the synthetic shapes (no stderr), "
                         "variogram for the recorded series (with stderr)")
+    p.add_argument("--known-noise", action="store_true",
+                   help="give the plateau tracker the true long-run noise level of each row "
+                        "(PlateauTracker(noise=sqrt((1 + phi) / (1 - phi)))): an oracle no real series has, "
+                        "which shows what estimating the noise costs; the recorded series are skipped")
+    p.add_argument("--noise-spread", action="store_true",
+                   help="only measure how the split noise model's estimates spread over refits and seeds "
+                        "(flat noise and 4 sd rises, at --phis)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--cost", action="store_true", help="only measure the time per update")
     args = p.parse_args(argv)
@@ -277,6 +317,15 @@ def main(argv: list[str] | None = None) -> None:
         for r in cost_per_update():
             print(f"| {r['n']} | {r['plateau']:.1f} | {r['binseg']:.1f} |")
         return
+    if args.noise_spread:
+        print(f"Over the refits from 70 points on, {args.seeds} seeds per row: quantiles 0.5% / 5% / 50% / 95%\n"
+              "| series | A | phi | residual phi (no margin) | tests' level / true long-run sd |\n|---|---|---|---|---|")
+        for r in noise_spread(args.phis, range(args.seeds)):
+            qs = (" / ".join(f"{v:.2f}" for v in r[key]) for key in ("phi_quantiles", "level_quantiles"))
+            print(f"| {r['shape']} | {r['amplitude']:g} | {r['phi']:g} | {next(qs)} | {next(qs)} |")
+        return
+    if args.known_noise and args.detector != "plateau":
+        p.error("--known-noise is an option of the plateau detector (--detector plateau)")
     kw: dict[str, Any] = {"noise_model": args.noise_model} if args.detector == "plateau" else {}
     rows = []
     t0 = time.perf_counter()
@@ -286,11 +335,13 @@ def main(argv: list[str] | None = None) -> None:
         amps = [1.0] if sh.name == "flat" else args.amplitudes
         for a in amps:
             for phi in args.phis:
-                rows.append(run_cell(sh, a, phi, range(args.seeds), args.detector, **kw))
+                known = {"noise": true_long_run_sd(phi)} if args.known_noise else {}
+                rows.append(run_cell(sh, a, phi, range(args.seeds), args.detector, **kw, **known))
                 print(markdown([rows[-1]]).splitlines()[-1], flush=True, file=sys.stderr)
     print(markdown(rows))
-    print(f"\n{args.detector}, {args.seeds} seeds per row, {time.perf_counter() - t0:.0f} s")
-    if args.detector != "turning":
+    oracle = ", told the true noise level" if args.known_noise else ""
+    print(f"\n{args.detector}{oracle}, {args.seeds} seeds per row, {time.perf_counter() - t0:.0f} s")
+    if args.detector != "turning" and not args.known_noise:
         print("DLN example:", dln_check(args.detector, **kw))
         print("grokking example:", real_check("grokking_llc.json", args.detector, **kw))
         print("superposition example:", real_check("superposition_llc.json", args.detector, **kw))

@@ -700,6 +700,14 @@ COMMANDS: dict[str, Entry] = {
         Entry(phase=5, timeout=600, slow=True, check=_lines_in_output("| flat |"),
               instead="python benchmarks/bench_stages.py --seeds 5 --detector binseg --amplitudes 8 --phis 0 0.5 0.8 "
                       "--shapes flat rise-10 stairs-2", why=FEWER_SEEDS),
+    "python benchmarks/bench_stages.py --noise-spread --seeds 100":
+        Entry(phase=5, timeout=600, slow=True, check=_lines_in_output("| flat | 1 | 0.8 |", "| rise-10 | 4 | 0.5 |"),
+              instead="python benchmarks/bench_stages.py --noise-spread --seeds 5", why=FEWER_SEEDS),
+    "python benchmarks/bench_stages.py --known-noise --seeds 100 --amplitudes 4 8 --phis 0 0.5 0.8 --shapes flat "
+    "rise-10 stairs-2 rise-30 fall-30 rise-fall":
+        Entry(phase=5, timeout=600, slow=True, check=_lines_in_output("told the true noise level", "| rise-fall | 4 |"),
+              instead="python benchmarks/bench_stages.py --known-noise --seeds 5 --amplitudes 4 8 --phis 0 0.5 0.8 "
+                      "--shapes flat rise-10 stairs-2 rise-30 fall-30 rise-fall", why=FEWER_SEEDS),
     "python benchmarks/bench_stages.py --cost": Entry(phase=5, timeout=600, slow=True),
     "python benchmarks/bench_stages.py --detector turning --shapes flat":
         Entry(phase=5, timeout=600, slow=True, check=_lines_in_output("| flat |"),

@@ -407,6 +407,11 @@ class PlateauTracker(Tracker):
         significance_margin: for ``"split"``: standard errors the upper level's AR(1) coefficient is
             raised by.
         min_points: no fit before the series has this many points.
+
+    Attributes:
+        last_noise: the noise level the last fit's z-tests used (``sigma``, ``phi``, ``long_run``).
+        last_residual_noise: with ``noise_model="split"``, the last fit's bias-corrected residual
+            estimate before ``significance_margin`` raised it (what the series alone says).
     """
 
     def __init__(
@@ -464,6 +469,7 @@ class PlateauTracker(Tracker):
         self._breaks: list[int] = []  # series indices where the last fit's segments start
         self.transitions: list[Transition] = []
         self.last_noise: NoiseLevel | None = None
+        self.last_residual_noise: NoiseLevel | None = None
 
     def fit(self, values: Sequence[float], stderrs: Sequence[float] | None = None, *,
             known: Sequence[tuple[int, int]] = (), previous: Sequence[int] = ()
@@ -495,6 +501,7 @@ class PlateauTracker(Tracker):
         # split: the segments from the central estimate (the smaller of the two, each inflated only by
         # structure the first fit missed), the z-tests from the residual estimate's upper bound
         residual, upper = segment_noise_levels(x, spans, stderrs, margins=(0.0, self.significance_margin))
+        self.last_residual_noise = residual
         central = min(self._variogram_noise(x, segs, stderrs, known, previous, 0.0), residual,
                       key=lambda n: n.long_run)
         self.last_noise = upper if upper.long_run >= central.long_run else central
