@@ -2,7 +2,7 @@
 (no hand-set SGLD setting), against the theoretical learning coefficient, on the validation suite.
 
     python benchmarks/bench_calibration.py [--seeds 3] [--burnin 300] [--draws 300] [--chains 4]
-        [--only SUBSTRING] [--loc-scan 0.5,1,2,3,4 [--scan-chains 8]]
+        [--only SUBSTRING] [--loc-scan 0.5,1,2,3,4 [--scan-chains 8]] [--richardson [--scan-chains 8]]
 
 Cases (``suite_cases`` in tests/test_calibrate.py): the noise-free regular model and deep linear
 networks at their teacher, and the noisy cases of tests/noisy_cases.py (label noise sigma = 1 at
@@ -27,6 +27,12 @@ localization with the same seed and layout rule, judged like the bias check (the
 is at most the paired standard error of the difference plus 5% of the estimate at 2x). ``move`` is
 the variant that moves to the larger localization while the pair disagrees (``_move_rule``), with
 the error of the estimate that follows (``--chains`` chains, seed 100 + seed, as in the main table).
+
+``--richardson`` asks how much of each run's error is step-size bias: after each calibration, one
+estimate at the calibrated settings and one at half the ``lr`` (burn-in and spacing doubled, so the
+same relaxation), ``--scan-chains`` chains each, seed 100 + seed, and per chain the Richardson
+extrapolation to ``lr -> 0``, ``2 llc(lr / 2) - llc(lr)``, which removes a bias linear in ``lr`` (the
+leading term of SGLD's discretisation bias). Its standard error comes from the per-chain values.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -63,7 +71,9 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only the cases whose name contains this")
     parser.add_argument("--rel-tol", type=float, default=None, help="calibrate_llc's rel_tol (default: its own)")
     parser.add_argument("--loc-scan", default="", help="comma-separated multiples of the calibrated localization")
-    parser.add_argument("--scan-chains", type=int, default=8, help="chains of each --loc-scan estimate")
+    parser.add_argument("--scan-chains", type=int, default=8, help="chains of each --loc-scan / --richardson estimate")
+    parser.add_argument("--richardson", action="store_true",
+                        help="estimates at the calibrated lr and at lr/2, and their extrapolation to lr -> 0")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", RuntimeWarning)
@@ -75,33 +85,28 @@ def main() -> None:
     if args.loc_scan:
         localization_scan(args, [float(k) for k in args.loc_scan.split(",")])
         return
+    if args.richardson:
+        richardson(args)
+        return
     print(f"{'case':>28} {'seed':>4} {'lambda':>7} {'llc':>8} {'error':>7} {'stderr':>7} {'ok':>5} "
           f"{'trials':>6} {'lr*stiff':>8} {'burn-in':>7} {'thin':>4} {'rhat':>6} {'steps':>6} {'time':>6}  flags",
           flush=True)
     ratios, step_ratios, errors = [], [], []
-    for seed in range(args.seeds):
-        for name, (model, loss_fn, loader, expected) in suite_cases(seed).items():
-            if args.only not in name:
-                continue
-            t0 = time.perf_counter()
-            extra = {} if args.rel_tol is None else {"rel_tol": args.rel_tol}
-            cal = calibrate_llc(model, loss_fn, loader, num_draws=args.draws, num_burnin_steps=args.burnin,
-                                seed=seed, **extra)
-            t1 = time.perf_counter()
-            res = estimate_llc(model, loss_fn, loader, num_chains=args.chains, seed=100 + seed, **cal.as_kwargs())
-            t2 = time.perf_counter()
-            ratio = (t1 - t0) / (t2 - t1)
-            steps = cal.num_steps / (cal.settings(num_chains=args.chains).total_steps * args.chains / 4)
-            error = (res.mean - expected) / expected
-            ratios.append(ratio)
-            step_ratios.append(steps)
-            errors.append(error)
-            trials = sum(t.estimate is not None for t in cal.trials)
-            stiff = cal.lr * (cal.nbeta * cal.curvature + cal.localization)
-            print(f"{name:>28} {seed:>4} {expected:>7.2f} {res.mean:>8.3f} {error:>+7.1%} "
-                  f"{res.stderr / expected:>7.1%} {cal.ok!s:>5} {trials:>6} {stiff:>8.3g} {cal.num_burnin_steps:>7} "
-                  f"{cal.num_steps_bw_draws:>4} {res.rhat:>6.3f} {steps:>6.2f} {ratio:>6.2f}  {','.join(res.flags)}",
-                  flush=True)
+    for seed, name, (model, loss_fn, loader, expected), cal, seconds in _calibrated_runs(args):
+        t1 = time.perf_counter()
+        res = estimate_llc(model, loss_fn, loader, num_chains=args.chains, seed=100 + seed, **cal.as_kwargs())
+        ratio = seconds / (time.perf_counter() - t1)
+        steps = cal.num_steps / (cal.settings(num_chains=args.chains).total_steps * args.chains / 4)
+        error = (res.mean - expected) / expected
+        ratios.append(ratio)
+        step_ratios.append(steps)
+        errors.append(error)
+        trials = sum(t.estimate is not None for t in cal.trials)
+        stiff = cal.lr * (cal.nbeta * cal.curvature + cal.localization)
+        print(f"{name:>28} {seed:>4} {expected:>7.2f} {res.mean:>8.3f} {error:>+7.1%} "
+              f"{res.stderr / expected:>7.1%} {cal.ok!s:>5} {trials:>6} {stiff:>8.3g} {cal.num_burnin_steps:>7} "
+              f"{cal.num_steps_bw_draws:>4} {res.rhat:>6.3f} {steps:>6.2f} {ratio:>6.2f}  {','.join(res.flags)}",
+              flush=True)
     def med(xs: list[float]) -> float:
         return sorted(xs)[len(xs) // 2]
 
@@ -109,6 +114,49 @@ def main() -> None:
     print(f"{within} of {len(errors)} within 15%; max |error| {max(abs(e) for e in errors):.1%}; cost (wall time) median {med(ratios):.2f}x, "
           f"range {min(ratios):.2f}-{max(ratios):.2f}x; chain-steps median {med(step_ratios):.2f}x, "
           f"range {min(step_ratios):.2f}-{max(step_ratios):.2f}x")
+
+
+def _rel_tol(args: argparse.Namespace) -> dict[str, float]:
+    """``--rel-tol`` for calibrate_llc, or nothing (its own default)."""
+    return {} if args.rel_tol is None else {"rel_tol": args.rel_tol}
+
+
+def _calibrated_runs(args: argparse.Namespace) -> Iterator[tuple[int, str, tuple[Any, ...], Any, float]]:
+    """The suite runs that ``--seeds`` and ``--only`` select, each calibrated with the bench's layout:
+    ``(seed, name, (model, loss_fn, loader, lambda), calibration, seconds the calibration took)``."""
+    for seed in range(args.seeds):
+        for name, case in suite_cases(seed).items():
+            if args.only not in name:
+                continue
+            model, loss_fn, loader, _ = case
+            t0 = time.perf_counter()
+            cal = calibrate_llc(model, loss_fn, loader, num_draws=args.draws, num_burnin_steps=args.burnin,
+                                seed=seed, **_rel_tol(args))
+            yield seed, name, case, cal, time.perf_counter() - t0
+
+
+def _cell(mean: float, stderr: float, expected: float, flags: tuple[str, ...] = ()) -> str:
+    return f"{mean / expected - 1:+.1%}±{stderr / expected:.1%}{'*' if flags else ''}"
+
+
+def richardson(args: argparse.Namespace) -> None:
+    """Relative error against lambda at the calibrated lr, at lr / 2, and extrapolated to lr -> 0."""
+    print(f"{'case':>28} {'seed':>4} {'lambda':>7} {'lr*stiff':>8} {'at lr':>14} {'at lr/2':>14} {'lr -> 0':>14}",
+          flush=True)
+    for seed, name, (model, loss_fn, loader, expected), cal, _ in _calibrated_runs(args):
+        at = cal.as_kwargs()
+        half = dict(at, lr=at["lr"] / 2, num_burnin_steps=2 * at["num_burnin_steps"],
+                    num_steps_bw_draws=2 * at["num_steps_bw_draws"])
+        a, b = (estimate_llc(model, loss_fn, loader, num_chains=args.scan_chains, seed=100 + seed, **kw)
+                for kw in (at, half))
+        extrapolated = (2 * b.per_chain - a.per_chain).double()
+        se = float(extrapolated.std()) / math.sqrt(len(extrapolated))
+        stiff = cal.lr * (cal.nbeta * cal.curvature + cal.localization)
+        print(f"{name:>28} {seed:>4} {expected:>7.2f} {stiff:>8.3g} {_cell(a.mean, a.stderr, expected, a.flags):>14} "
+              f"{_cell(b.mean, b.stderr, expected, b.flags):>14} {_cell(float(extrapolated.mean()), se, expected):>14}",
+              flush=True)
+    print("cells: relative error against lambda ± stderr (relative to lambda; * = flagged); lr -> 0: per chain "
+          "2 llc(lr/2) - llc(lr)")
 
 
 def _relaxed_layout(cal, localization: float, args: argparse.Namespace) -> dict[str, int]:
@@ -134,32 +182,27 @@ def localization_scan(args: argparse.Namespace, ks: list[float]) -> None:
     print(f"{'case':>28} {'seed':>4} {'lambda':>7} {'loc':>6} {'lr*stiff':>8} "
           + " ".join(f"{'x' + format(k, 'g'):>14}" for k in ks)
           + f" {'k1 vs 2':>8} {'move':>5} {'error':>7} {'steps':>6} {'before':>6}", flush=True)
-    for seed in range(args.seeds):
-        for name, (model, loss_fn, loader, expected) in suite_cases(seed).items():
-            if args.only not in name:
-                continue
-            cal = calibrate_llc(model, loss_fn, loader, num_draws=args.draws, num_burnin_steps=args.burnin,
-                                seed=seed)
-            cells = []
-            for k in ks:
-                loc = k * cal.localization
-                res = estimate_llc(model, loss_fn, loader, lr=cal.lr, localization=loc, nbeta=cal.nbeta,
-                                   num_chains=args.scan_chains, seed=100 + seed, **_relaxed_layout(cal, loc, args))
-                flag = "*" if res.flags else ""
-                cells.append(f"{res.mean / expected - 1:+.1%}±{res.stderr / expected:.1%}{flag}")
-            trials, extra, chosen = _move_rule(cal, model, loss_fn, loader, seed, args)
-            verdict = "agree" if _paired_agree(trials[1], trials[2]) else "DIFFER"
-            k = chosen or 1
-            layout = _relaxed_layout(cal, k * cal.localization, args)
-            res = estimate_llc(model, loss_fn, loader, lr=cal.lr, localization=k * cal.localization, nbeta=cal.nbeta,
-                               num_chains=args.chains, seed=100 + seed, **layout)
-            per_chain = SGLDSettings(lr=cal.lr, localization=k * cal.localization, **layout).total_steps
-            before = cal.num_steps / cal.settings().total_steps
-            stiff = cal.lr * (cal.nbeta * cal.curvature + cal.localization)
-            print(f"{name:>28} {seed:>4} {expected:>7.2f} {cal.localization:>6.3g} {stiff:>8.3g} "
-                  + " ".join(f"{c:>14}" for c in cells)
-                  + f" {verdict:>8} {('x' + str(k)) if chosen else 'NOTOK':>5} {res.mean / expected - 1:>+7.1%} "
-                  f"{(cal.num_steps + extra) / per_chain:>6.2f} {before:>6.2f}", flush=True)
+    for seed, name, (model, loss_fn, loader, expected), cal, _ in _calibrated_runs(args):
+        cells = []
+        for k in ks:
+            loc = k * cal.localization
+            res = estimate_llc(model, loss_fn, loader, lr=cal.lr, localization=loc, nbeta=cal.nbeta,
+                               num_chains=args.scan_chains, seed=100 + seed, **_relaxed_layout(cal, loc, args))
+            flag = "*" if res.flags else ""
+            cells.append(f"{res.mean / expected - 1:+.1%}±{res.stderr / expected:.1%}{flag}")
+        trials, extra, chosen = _move_rule(cal, model, loss_fn, loader, seed, args)
+        verdict = "agree" if _paired_agree(trials[1], trials[2]) else "DIFFER"
+        k = chosen or 1
+        layout = _relaxed_layout(cal, k * cal.localization, args)
+        res = estimate_llc(model, loss_fn, loader, lr=cal.lr, localization=k * cal.localization, nbeta=cal.nbeta,
+                           num_chains=args.chains, seed=100 + seed, **layout)
+        per_chain = SGLDSettings(lr=cal.lr, localization=k * cal.localization, **layout).total_steps
+        before = cal.num_steps / cal.settings().total_steps
+        stiff = cal.lr * (cal.nbeta * cal.curvature + cal.localization)
+        print(f"{name:>28} {seed:>4} {expected:>7.2f} {cal.localization:>6.3g} {stiff:>8.3g} "
+              + " ".join(f"{c:>14}" for c in cells)
+              + f" {verdict:>8} {('x' + str(k)) if chosen else 'NOTOK':>5} {res.mean / expected - 1:>+7.1%} "
+              f"{(cal.num_steps + extra) / per_chain:>6.2f} {before:>6.2f}", flush=True)
     print("cells: relative error of the estimate (± its stderr, relative to lambda; * = flagged). move: the "
           "localization multiple the move rule returns (NOTOK: none agreed); error: the estimate there (chains "
           "--chains, seed 100 + seed); steps: calibration plus the rule's trials over that estimate, in "

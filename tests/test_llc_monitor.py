@@ -398,7 +398,7 @@ def test_lightning_cli_parses_the_example_config(monkeypatch: pytest.MonkeyPatch
     assert monitor.history.steps("llc/last/mean") == [0, 10]
 
 
-def _calibration_run(tmp_path, at_minimum: bool):
+def _calibration_run(tmp_path, at_minimum: bool, calibrate_kwargs=None):
     """A linear regression trained with a calibrating monitor (steps 5 and 10); returns the monitor,
     the top-level calibrate_llc calls and the CSV log directory."""
     import lightning.pytorch as pl
@@ -440,6 +440,7 @@ def _calibration_run(tmp_path, at_minimum: bool):
         monitor = LLCMonitor(
             lambda m, b: torch.nn.functional.mse_loss(m.net(b[0]), b[1]), data=loader, every_n_steps=[5, 10],
             num_chains=2, num_draws=60, num_burnin_steps=30, calibrate="once", lr=123.0,
+            calibrate_kwargs=calibrate_kwargs,
         )
         trainer = pl.Trainer(
             max_steps=12, logger=CSVLogger(tmp_path), callbacks=[monitor], enable_progress_bar=False,
@@ -457,8 +458,12 @@ def test_calibrate_once_chooses_settings_once_and_logs_them(tmp_path):
     checkpoint."""
     import csv
 
+    from devinterp_lightning.callbacks.monitor_support import MONITOR_CALIBRATION_REL_TOL
+
     monitor, calls, logdir = _calibration_run(tmp_path, at_minimum=True)
     assert len(calls) == 1
+    # the monitor keeps its own short layout, so it calibrates with the 5% floor, not calibrate_llc's 1%
+    assert calls[0]["rel_tol"] == MONITOR_CALIBRATION_REL_TOL == 0.05
     assert monitor.calibration.ok, monitor.calibration.summary()
     chosen = monitor.calibration.as_kwargs()
     assert monitor.lr == chosen["lr"] != 123.0
@@ -472,6 +477,11 @@ def test_calibrate_once_chooses_settings_once_and_logs_them(tmp_path):
     restored = LLCMonitor(lambda m, b: 0.0, data=monitor._data, calibrate="once")
     restored.load_state_dict(monitor.state_dict())
     assert restored.lr == chosen["lr"] and restored.localization == chosen["localization"]
+
+
+def test_calibrate_kwargs_override_the_monitors_bias_floor(tmp_path):
+    monitor, calls, _ = _calibration_run(tmp_path, at_minimum=True, calibrate_kwargs={"rel_tol": 0.01})
+    assert [c["rel_tol"] for c in calls] == [0.01]
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

@@ -719,7 +719,7 @@ def calibrate_llc(
     num_steps_bw_draws: int | None = None,
     settings: SGLDSettings | None = None,
     restrict: Restriction = None,
-    rel_tol: float = 0.05,
+    rel_tol: float = 0.01,
     z: float = 1.0,
     num_lrs: int = 10,
     probe_steps: int = 50,
@@ -756,9 +756,10 @@ def calibrate_llc(
             keyword arguments that are not None override its fields.
         rel_tol, z: the bias check compares ``lr`` with ``lr/2``: they agree when
             ``|llc(lr) - llc(lr/2)| <= z * stderr + rel_tol * |llc(lr/2)|``, and then ``lr/2`` is
-            chosen (its bias is about the gap, so this bounds it by about one standard error plus
-            5% by default). A false disagreement only costs one more halving: every trial is
-            relaxed, so a smaller step is not read low for having moved less (docs/calibration.md).
+            chosen (its bias is about the gap, so this bounds it by about one standard error of the
+            trials; the 1% floor keeps many chains from chasing a bias no estimate could resolve). A
+            false disagreement only costs one more halving: every trial is relaxed, so a smaller step
+            is not read low for having moved less (docs/calibration.md).
         probe_steps: length of the MALA-acceptance probe trajectory (one fixed batch).
         max_estimates: at most this many trial estimates are run (per localization tried).
         max_localization_boosts: when the localization was chosen automatically and no lr passed
