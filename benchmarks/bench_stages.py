@@ -3,6 +3,7 @@ confirmation delay and false alarms, with each series replayed point by point as
 
     python benchmarks/bench_stages.py [--seeds 100] [--detector plateau|binseg|turning] [--noise-model auto|split|variogram|residual]
     python benchmarks/bench_stages.py --known-noise [...]   # the plateau tracker told the true noise level
+    python benchmarks/bench_stages.py --noise-spread [--seeds 100]   # how the noise estimate wanders over refits
 
 Shapes (100 points unless said; ``A`` is the amplitude of a rise, the noise has marginal sd 1):
 
