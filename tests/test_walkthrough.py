@@ -707,6 +707,10 @@ COMMANDS: dict[str, Entry] = {
         Entry(phase=5, timeout=600, slow=True, check=_lines_in_output("| flat |"),
               instead="python benchmarks/bench_stages.py --seeds 5 --detector binseg --amplitudes 8 --phis 0 0.5 0.8 "
                       "--shapes flat rise-10 stairs-2", why=FEWER_SEEDS),
+    "python benchmarks/bench_stages.py --seeds 100 --amplitudes 4 --phis 0 0.5 0.8 --shapes rise-fall":
+        Entry(phase=5, timeout=600, slow=True, check=_lines_in_output("| rise-fall | 4 | 0.8 |"),
+              instead="python benchmarks/bench_stages.py --seeds 5 --amplitudes 4 --phis 0 0.5 0.8 --shapes rise-fall",
+              why=FEWER_SEEDS),
     "python benchmarks/bench_stages.py --noise-spread --seeds 100":
         Entry(phase=5, timeout=600, slow=True, check=_lines_in_output("| flat | 1 | 0.8 |", "| rise-10 | 4 | 0.5 |"),
               instead="python benchmarks/bench_stages.py --noise-spread --seeds 5", why=FEWER_SEEDS),
