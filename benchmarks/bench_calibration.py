@@ -188,8 +188,7 @@ def localization_scan(args: argparse.Namespace, ks: list[float]) -> None:
             loc = k * cal.localization
             res = estimate_llc(model, loss_fn, loader, lr=cal.lr, localization=loc, nbeta=cal.nbeta,
                                num_chains=args.scan_chains, seed=100 + seed, **_relaxed_layout(cal, loc, args))
-            flag = "*" if res.flags else ""
-            cells.append(f"{res.mean / expected - 1:+.1%}±{res.stderr / expected:.1%}{flag}")
+            cells.append(_cell(res.mean, res.stderr, expected, res.flags))
         trials, extra, chosen = _move_rule(cal, model, loss_fn, loader, seed, args)
         verdict = "agree" if _paired_agree(trials[1], trials[2]) else "DIFFER"
         k = chosen or 1

@@ -480,7 +480,7 @@ def test_calibrate_once_chooses_settings_once_and_logs_them(tmp_path):
 
 
 def test_calibrate_kwargs_override_the_monitors_bias_floor(tmp_path):
-    monitor, calls, _ = _calibration_run(tmp_path, at_minimum=True, calibrate_kwargs={"rel_tol": 0.01})
+    _, calls, _ = _calibration_run(tmp_path, at_minimum=True, calibrate_kwargs={"rel_tol": 0.01})
     assert [c["rel_tol"] for c in calls] == [0.01]
 
 
