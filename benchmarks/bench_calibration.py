@@ -3,6 +3,7 @@
 
     python benchmarks/bench_calibration.py [--seeds 3] [--burnin 300] [--draws 300] [--chains 4]
         [--only SUBSTRING] [--loc-scan 0.5,1,2,3,4 [--scan-chains 8]] [--richardson [--scan-chains 8]]
+        [--nbeta-scan 1,4,10 [--fixed-localization]]
 
 Cases (``suite_cases`` in tests/test_calibrate.py): the noise-free regular model and deep linear
 networks at their teacher, and the noisy cases of tests/noisy_cases.py (label noise sigma = 1 at
@@ -33,6 +34,13 @@ estimate at the calibrated settings and one at half the ``lr`` (burn-in and spac
 same relaxation), ``--scan-chains`` chains each, seed 100 + seed, and per chain the Richardson
 extrapolation to ``lr -> 0``, ``2 llc(lr / 2) - llc(lr)``, which removes a bias linear in ``lr`` (the
 leading term of SGLD's discretisation bias). Its standard error comes from the per-chain values.
+
+``--nbeta-scan K1,K2,..`` asks whether a larger ``nbeta`` (a lower temperature, nearer the asymptotic
+regime where the estimate tends to lambda) would reach lambda: per run, a calibration at ``k`` times the
+default ``nbeta`` (``k = 1``: the usual one), then one estimate with its recommended settings
+(``--chains`` chains, seed 100 + seed). The localization is the calibration's automatic
+``0.01 * nbeta * h``, which grows with ``nbeta``, or with ``--fixed-localization`` the one the ``k = 1``
+calibration chose, so that only ``nbeta`` moves.
 """
 
 from __future__ import annotations
@@ -74,7 +82,12 @@ def main() -> None:
     parser.add_argument("--scan-chains", type=int, default=8, help="chains of each --loc-scan / --richardson estimate")
     parser.add_argument("--richardson", action="store_true",
                         help="estimates at the calibrated lr and at lr/2, and their extrapolation to lr -> 0")
+    parser.add_argument("--nbeta-scan", default="", help="comma-separated multiples of the default nbeta")
+    parser.add_argument("--fixed-localization", action="store_true",
+                        help="with --nbeta-scan: keep the localization the k = 1 calibration chose")
     args = parser.parse_args()
+    if args.fixed_localization and not args.nbeta_scan:
+        parser.error("--fixed-localization needs --nbeta-scan")
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", RuntimeWarning)
 
@@ -87,6 +100,9 @@ def main() -> None:
         return
     if args.richardson:
         richardson(args)
+        return
+    if args.nbeta_scan:
+        nbeta_scan(args, [float(k) for k in args.nbeta_scan.split(",")])
         return
     print(f"{'case':>28} {'seed':>4} {'lambda':>7} {'llc':>8} {'error':>7} {'stderr':>7} {'ok':>5} "
           f"{'trials':>6} {'lr*stiff':>8} {'burn-in':>7} {'thin':>4} {'rhat':>6} {'steps':>6} {'time':>6}  flags",
@@ -157,6 +173,24 @@ def richardson(args: argparse.Namespace) -> None:
               flush=True)
     print("cells: relative error against lambda ± stderr (relative to lambda; * = flagged); lr -> 0: per chain "
           "2 llc(lr/2) - llc(lr)")
+
+
+def nbeta_scan(args: argparse.Namespace, ks: list[float]) -> None:
+    """Relative error against lambda of a calibrated estimate at k x the default nbeta, per run."""
+    print(f"{'case':>28} {'seed':>4} {'lambda':>7} " + " ".join(f"{'x' + format(k, 'g'):>21}" for k in ks), flush=True)
+    for seed, name, (model, loss_fn, loader, expected), base, _ in _calibrated_runs(args):
+        cells = []
+        for k in ks:
+            cal = base if k == 1 else calibrate_llc(
+                model, loss_fn, loader, nbeta=k * base.nbeta,
+                localization=base.localization if args.fixed_localization else None,
+                num_draws=args.draws, num_burnin_steps=args.burnin, seed=seed, **_rel_tol(args))
+            res = estimate_llc(model, loss_fn, loader, num_chains=args.chains, seed=100 + seed, **cal.as_kwargs())
+            cells.append(f"{_cell(res.mean, res.stderr, expected, res.flags)}{'' if cal.ok else ' (!ok)'} "
+                         f"{cal.localization:.3g}")
+        print(f"{name:>28} {seed:>4} {expected:>7.2f} " + " ".join(f"{c:>21}" for c in cells), flush=True)
+    print("cells: relative error of the calibrated estimate (± its stderr, relative to lambda; * = flagged; "
+          "(!ok): the calibration was not ok), then the localization it used")
 
 
 def _relaxed_layout(cal, localization: float, args: argparse.Namespace) -> dict[str, int]:

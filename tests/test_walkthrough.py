@@ -456,6 +456,15 @@ def _bench_cuda_on_the_cpu(arguments: str, shorter: str, *needles: str) -> Entry
                  why=f"the figures need a GPU; the same code on the CPU, {shorter}", check=_lines_in_output(*needles))
 
 
+def _bench_calibration_regular(arguments: str, why: str, needle: str) -> Entry:
+    """A scan of benchmarks/bench_calibration.py on one seed of the regular case with short chains: the
+    documented scans calibrate every suite run and follow each with 8-chain estimates (minutes)."""
+    return Entry(phase=5, timeout=600, slow=True,
+                 instead=f"python benchmarks/bench_calibration.py {arguments} --seeds 1 --burnin 100 --draws 100 "
+                         "--only regular",
+                 why=f"as written: {why}; one seed of the regular case, 2 chains", check=_lines_in_output(needle))
+
+
 def _no_chromium() -> str:
     browsers = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
     if any(shutil.which(b) for b in browsers):
@@ -668,20 +677,17 @@ COMMANDS: dict[str, Entry] = {
         instead="python benchmarks/bench_calibration.py --seeds 1 --burnin 100 --draws 100",
         why="as written: 3 seeds x 3 shapes with 600-step chains (minutes); one seed, shorter chains",
         check=_lines_in_output("cost (wall time) median")),
-    "python benchmarks/bench_calibration.py --loc-scan 0.5,1,2,3,4 --rel-tol 0.05": Entry(
-        phase=5, timeout=600, slow=True,
-        instead="python benchmarks/bench_calibration.py --seeds 1 --burnin 100 --draws 100 --only regular "
-                "--loc-scan 1,2 --scan-chains 2 --rel-tol 0.05",
-        why="as written: 21 calibrations, each followed by five 8-chain estimates (tens of minutes); one "
-            "seed of the regular case, two multiples, 2 chains",
-        check=_lines_in_output("cells: relative error")),
-    **{f"python benchmarks/bench_calibration.py --richardson{tol}": Entry(
-        phase=5, timeout=600, slow=True,
-        instead=f"python benchmarks/bench_calibration.py --richardson{tol} --seeds 1 --burnin 100 --draws 100 "
-                "--only regular --scan-chains 2",
-        why="as written: 21 calibrations, each followed by two 8-chain estimates (minutes); one seed of the "
-            "regular case, 2 chains",
-        check=_lines_in_output("lr -> 0: per chain")) for tol in ("", " --rel-tol 0.05")},
+    "python benchmarks/bench_calibration.py --loc-scan 0.5,1,2,3,4 --rel-tol 0.05": _bench_calibration_regular(
+        "--loc-scan 1,2 --scan-chains 2 --rel-tol 0.05",
+        "21 calibrations, each followed by five 8-chain estimates (tens of minutes); two multiples",
+        "cells: relative error"),
+    **{f"python benchmarks/bench_calibration.py --richardson{tol}": _bench_calibration_regular(
+        f"--richardson{tol} --scan-chains 2", "21 calibrations, each followed by two 8-chain estimates (minutes)",
+        "lr -> 0: per chain") for tol in ("", " --rel-tol 0.05")},
+    **{f"python benchmarks/bench_calibration.py --only DLN --nbeta-scan 1,4,10{fixed}": _bench_calibration_regular(
+        f"--nbeta-scan 1,2{fixed} --chains 2",
+        "12 calibrations at three nbeta each, with an estimate after each (tens of minutes); two multiples",
+        "the localization it used") for fixed in ("", " --fixed-localization")},
     # ---- stage, essential-dynamics and estimator-value benchmarks (docs/stages.md, essential_dynamics.md,
     # validation.md): the same scripts with fewer seeds, since 100 seeds per row take minutes
     "python benchmarks/bench_stages.py --seeds 100 --amplitudes 8 --phis 0 0.5 0.8 --shapes flat rise-10 step stairs-2":
