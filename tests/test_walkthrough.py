@@ -458,7 +458,7 @@ def _bench_cuda_on_the_cpu(arguments: str, shorter: str, *needles: str) -> Entry
 
 def _bench_calibration_regular(arguments: str, why: str, needle: str) -> Entry:
     """A scan of benchmarks/bench_calibration.py on one seed of the regular case with short chains: the
-    documented scans calibrate every suite run and follow each with 8-chain estimates (minutes)."""
+    documented scans calibrate many suite runs and follow each with further estimates (minutes)."""
     return Entry(phase=5, timeout=600, slow=True,
                  instead=f"python benchmarks/bench_calibration.py {arguments} --seeds 1 --burnin 100 --draws 100 "
                          "--only regular",
