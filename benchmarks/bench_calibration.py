@@ -146,9 +146,14 @@ def _calibrated_runs(args: argparse.Namespace) -> Iterator[tuple[int, str, tuple
                 continue
             model, loss_fn, loader, _ = case
             t0 = time.perf_counter()
-            cal = calibrate_llc(model, loss_fn, loader, num_draws=args.draws, num_burnin_steps=args.burnin,
-                                seed=seed, **_rel_tol(args))
+            cal = _calibrate(model, loss_fn, loader, seed, args)
             yield seed, name, case, cal, time.perf_counter() - t0
+
+
+def _calibrate(model, loss_fn, loader, seed: int, args: argparse.Namespace, **overrides: Any) -> Any:
+    """calibrate_llc with the bench's layout (``--draws``, ``--burnin``, ``--rel-tol``) and ``seed``."""
+    return calibrate_llc(model, loss_fn, loader, num_draws=args.draws, num_burnin_steps=args.burnin, seed=seed,
+                         **_rel_tol(args), **overrides)
 
 
 def _cell(mean: float, stderr: float, expected: float, flags: tuple[str, ...] = ()) -> str:
@@ -181,10 +186,9 @@ def nbeta_scan(args: argparse.Namespace, ks: list[float]) -> None:
     for seed, name, (model, loss_fn, loader, expected), base, _ in _calibrated_runs(args):
         cells = []
         for k in ks:
-            cal = base if k == 1 else calibrate_llc(
-                model, loss_fn, loader, nbeta=k * base.nbeta,
-                localization=base.localization if args.fixed_localization else None,
-                num_draws=args.draws, num_burnin_steps=args.burnin, seed=seed, **_rel_tol(args))
+            cal = base if k == 1 else _calibrate(
+                model, loss_fn, loader, seed, args, nbeta=k * base.nbeta,
+                localization=base.localization if args.fixed_localization else None)
             res = estimate_llc(model, loss_fn, loader, num_chains=args.chains, seed=100 + seed, **cal.as_kwargs())
             cells.append(f"{_cell(res.mean, res.stderr, expected, res.flags)}{'' if cal.ok else ' (!ok)'} "
                          f"{cal.localization:.3g}")

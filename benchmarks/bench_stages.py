@@ -258,6 +258,7 @@ def noise_spread(phis: list[float], seeds: range, cells: tuple[tuple[str, float]
         for phi in phis:
             raw: list[float] = []
             ratio: list[float] = []
+            truth = true_long_run_sd(phi)
             for seed in seeds:
                 x = series(shape_of[name], amplitude, phi, seed)
                 tracker = PlateauTracker("x")
@@ -265,7 +266,7 @@ def noise_spread(phis: list[float], seeds: range, cells: tuple[tuple[str, float]
                     tracker.update(list(range(k)), x[:k])
                     if k >= min_points and tracker.last_residual_noise is not None and tracker.last_noise is not None:
                         raw.append(tracker.last_residual_noise.phi)
-                        ratio.append(tracker.last_noise.long_run / true_long_run_sd(phi))
+                        ratio.append(tracker.last_noise.long_run / truth)
             q = (0.5, 5, 50, 95)
             rows.append({"shape": name, "amplitude": amplitude, "phi": phi,
                          "phi_quantiles": np.percentile(raw, q).tolist(),
@@ -313,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--cost", action="store_true", help="only measure the time per update")
     args = p.parse_args(argv)
+    if args.known_noise and args.detector != "plateau":
+        p.error("--known-noise is an option of the plateau detector (--detector plateau)")
     if args.cost:
         print("| points | plateau (ms / update) | binseg (ms / update) |\n|---|---|---|")
         for r in cost_per_update():
@@ -325,8 +328,6 @@ def main(argv: list[str] | None = None) -> None:
             qs = (" / ".join(f"{v:.2f}" for v in r[key]) for key in ("phi_quantiles", "level_quantiles"))
             print(f"| {r['shape']} | {r['amplitude']:g} | {r['phi']:g} | {next(qs)} | {next(qs)} |")
         return
-    if args.known_noise and args.detector != "plateau":
-        p.error("--known-noise is an option of the plateau detector (--detector plateau)")
     kw: dict[str, Any] = {"noise_model": args.noise_model} if args.detector == "plateau" else {}
     rows = []
     t0 = time.perf_counter()
